@@ -1,0 +1,3 @@
+from b0_pm.cli import main
+
+raise SystemExit(main())
