@@ -1,0 +1,1 @@
+"""Fixtures for b0 tests: resolver processes, free ports, node environments."""

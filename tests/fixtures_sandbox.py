@@ -1,0 +1,1 @@
+"""The throw-away systemd container (overlay + systemd-nspawn) for tests."""
