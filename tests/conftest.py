@@ -5,6 +5,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures_b0",       # resolver processes, free ports, b0 environments
     "tests.fixtures_sandbox",  # the throw-away systemd container
+    "tests.fixtures_netns",    # network namespaces as separate hosts
 ]
 
 

@@ -1,0 +1,1 @@
+"""Network namespaces as separate hosts for multi-host tests."""
