@@ -1,1 +1,199 @@
-"""The throw-away systemd container (overlay + systemd-nspawn) for tests."""
+"""The throw-away systemd container (overlay + systemd-nspawn) for tests.
+
+Recipe: ../shared/design/systemd-sandbox.md. The host root is mounted
+copy-on-write (overlay, upper layer on tmpfs) under /var/tmp, booted with
+systemd-nspawn, and the checkout is bound at its own absolute path so its
+.venv works inside. The container shares the host's network namespace but
+has its own PID namespace: pids printed inside are not host pids.
+
+`boot_sandbox()` is also used as a library by bench/bench_backend.py.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_TIMEOUT_S = 60
+
+
+class SandboxError(RuntimeError):
+    pass
+
+
+def sandbox_unavailable_reason() -> str | None:
+    """Why a sandbox cannot be booted here, or None if it can."""
+    if os.geteuid() != 0:
+        return "the systemd sandbox needs root (overlay mounts, systemd-nspawn)"
+    for tool in ("systemd-nspawn", "nsenter", "mount", "umount"):
+        if shutil.which(tool) is None:
+            return f"the systemd sandbox needs {tool} (package systemd-container / util-linux)"
+    return None
+
+
+class Sandbox:
+    """A booted container; every process it starts is ended by close()."""
+
+    def __init__(self, workdir: Path, machine: str):
+        self.workdir = workdir
+        self.machine = machine
+        self.root = workdir / "root"
+        self.nspawn: subprocess.Popen | None = None
+        self.leader_pid: int | None = None
+        self._daemons: list[subprocess.Popen] = []
+        self._mounted: list[Path] = []
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "nspawn.log"
+
+    def nspawn_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "(no nspawn log)"
+
+    def _inside(self, argv, env) -> list[str]:
+        # env -i: the host's environment (pytest's, the venv's) must not leak inside
+        variables = {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8", **(env or {})}
+        return ["nsenter", "-t", str(self.leader_pid), "-a", "env", "-i",
+                *(f"{k}={v}" for k, v in variables.items()), *map(str, argv)]
+
+    def exec(self, argv, env=None, check=True, timeout=60, input=None) -> subprocess.CompletedProcess:
+        """Run argv inside the container and wait for it (text output captured)."""
+        result = subprocess.run(self._inside(argv, env), capture_output=True, text=True,
+                                timeout=timeout, input=input)
+        if check and result.returncode != 0:
+            raise SandboxError(f"{argv} exited {result.returncode} in the sandbox:\n"
+                               f"{result.stdout}{result.stderr}")
+        return result
+
+    def popen(self, argv, env=None, **popen_kwargs) -> subprocess.Popen:
+        """Start argv inside the container; it is killed at teardown at the latest.
+
+        The process runs in its own session so that its process group (nsenter
+        and the program it forks into the container's PID namespace) can be
+        signalled as a whole with signal_daemon()."""
+        process = subprocess.Popen(self._inside(argv, env), start_new_session=True, **popen_kwargs)
+        self._daemons.append(process)
+        return process
+
+    @staticmethod
+    def signal_daemon(process: subprocess.Popen, signum: int) -> None:
+        """Signal a popen()ed process and its nsenter'd child (same process group)."""
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _mount(self, argv, target: Path) -> None:
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+        self._mounted.append(target)
+
+    def boot(self, binds=(), timeout=BOOT_TIMEOUT_S) -> None:
+        overlay_dir = self.workdir / "ovl"
+        overlay_dir.mkdir(parents=True)
+        self.root.mkdir()
+        self._mount(["mount", "-t", "tmpfs", "tmpfs", str(overlay_dir)], overlay_dir)
+        (overlay_dir / "upper").mkdir()
+        (overlay_dir / "work").mkdir()
+        self._mount(["mount", "-t", "overlay", "overlay", "-o",
+                     f"lowerdir=/,upperdir={overlay_dir}/upper,workdir={overlay_dir}/work",
+                     str(self.root)], self.root)
+        bind_options = [f"--bind={path}:{path}" for path in binds]
+        with open(self.log_path, "wb") as log:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "-D", str(self.root), "--register=no", "--keep-unit",
+                 "-M", self.machine, "--boot", "--console=passive", *bind_options],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self._wait_until_running(timeout)
+
+    def _find_leader(self) -> int | None:
+        children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
+        try:
+            pids = children.read_text().split()
+        except OSError:
+            return None
+        return int(pids[0]) if pids else None
+
+    def _wait_until_running(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        state = "(no answer)"
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise SandboxError(f"systemd-nspawn exited {self.nspawn.returncode} during boot:\n"
+                                   f"{self.nspawn_log()}")
+            self.leader_pid = self.leader_pid or self._find_leader()
+            if self.leader_pid:
+                result = self.exec(["systemctl", "is-system-running"], check=False, timeout=10)
+                state = result.stdout.strip() or result.stderr.strip()
+                if state in ("running", "degraded"):
+                    self._check_dbus()
+                    return
+            time.sleep(0.2)
+        raise SandboxError(f"the sandbox did not boot within {timeout} s "
+                           f"(is-system-running: {state}):\n{self.nspawn_log()}")
+
+    def _check_dbus(self) -> None:
+        # pystemd talks to systemd through the system bus, so the broker must be up
+        result = self.exec(["systemctl", "is-active", "dbus.service"], check=False)
+        if result.stdout.strip() != "active":
+            raise SandboxError(f"dbus.service is {result.stdout.strip() or result.stderr.strip()} "
+                               f"in the sandbox; pystemd needs the system bus")
+
+    def close(self) -> None:
+        for process in self._daemons:
+            self.signal_daemon(process, signal.SIGKILL)
+            process.wait(timeout=10)
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)  # nspawn asks the container to power off
+            try:
+                self.nspawn.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait(timeout=10)
+        for target in reversed(self._mounted):
+            subprocess.run(["umount", str(target)], check=False, capture_output=True)
+            if subprocess.run(["mountpoint", "-q", str(target)]).returncode == 0:
+                subprocess.run(["umount", "-l", str(target)], check=False)  # last resort
+        self._mounted.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+_machine_counter = 0
+
+
+def boot_sandbox(binds=(REPO,), timeout=BOOT_TIMEOUT_S) -> Sandbox:
+    """Boot a fresh container; the caller must close() it (also on errors)."""
+    global _machine_counter
+    _machine_counter += 1
+    workdir = Path(f"/var/tmp/b0pm-sandbox-{os.getpid()}-{_machine_counter}")
+    sandbox = Sandbox(workdir, machine=f"b0pm-{os.getpid()}-{_machine_counter}")
+    try:
+        sandbox.boot(binds=binds, timeout=timeout)
+    except BaseException:
+        sandbox.close()
+        raise
+    return sandbox
+
+
+@pytest.fixture(scope="session")
+def systemd_sandbox():
+    reason = sandbox_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("B0PM_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"B0PM_REQUIRE_SANDBOX=1 but {reason}")
+        pytest.skip(reason)
+    sandbox = boot_sandbox()
+    try:
+        yield sandbox
+    finally:
+        sandbox.close()
