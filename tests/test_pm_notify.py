@@ -1,0 +1,99 @@
+"""sd_notify messages and journal-priority logging, against a real datagram socket and real stderr files."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from b0_pm.notify import Notifier
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    sock.bind(path)
+    sock.settimeout(2)
+    yield sock, path
+    sock.close()
+
+
+def set_environment(monkeypatch, **variables):
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_notifier_sends_ready_status_watchdog_stopping(notify_socket, monkeypatch):
+    sock, path = notify_socket
+    set_environment(monkeypatch, NOTIFY_SOCKET=path, WATCHDOG_USEC="4000000", WATCHDOG_PID=str(os.getpid()))
+    notifier = Notifier()
+    assert notifier.enabled
+    assert notifier.watchdog_interval_s == 2.0
+    assert "NOTIFY_SOCKET" not in os.environ, "children must not inherit the notify socket"
+    notifier.ready(status="0 processes running")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=0 processes running"
+    notifier.status("0 processes running")  # unchanged: not resent
+    notifier.status("1 process running")
+    assert sock.recv(4096) == b"STATUS=1 process running"
+    notifier.watchdog()
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    notifier.stopping()
+    assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_notifier_is_silent_outside_systemd(monkeypatch):
+    set_environment(monkeypatch)
+    notifier = Notifier()
+    assert not notifier.enabled and notifier.watchdog_interval_s is None
+    notifier.ready()
+    notifier.watchdog()
+
+
+def test_watchdog_meant_for_another_pid_is_ignored(monkeypatch):
+    set_environment(monkeypatch, WATCHDOG_USEC="1000000", WATCHDOG_PID="1")
+    assert Notifier().watchdog_interval_s is None
+
+
+LOG_PROGRAM = """
+import logging
+from b0_pm.logsetup import setup_logging
+setup_logging("DEBUG")
+log = logging.getLogger("b0_pm.test")
+log.warning("careful")
+log.info("fyi")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("failed")
+"""
+
+
+def run_logging_program(tmp_path, journal: bool) -> str:
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        status = os.fstat(stderr.fileno())
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        if journal:
+            env["JOURNAL_STREAM"] = f"{status.st_dev}:{status.st_ino}"
+        subprocess.run([sys.executable, "-c", LOG_PROGRAM], stderr=stderr, env=env, check=True)
+    return stderr_path.read_text()
+
+
+def test_journal_stream_lines_carry_priority_prefix(tmp_path):
+    lines = run_logging_program(tmp_path, journal=True).splitlines()
+    assert lines[0] == "<4>b0_pm.test: careful"
+    assert lines[1] == "<6>b0_pm.test: fyi"
+    assert lines[2] == "<3>b0_pm.test: failed"
+    assert all(line.startswith("<3>") for line in lines[3:]), "traceback lines keep the priority"
+    assert any("ZeroDivisionError" in line for line in lines[3:])
+
+
+def test_plain_stderr_has_no_prefix(tmp_path):
+    text = run_logging_program(tmp_path, journal=False)
+    assert "WARNING b0_pm.test: careful" in text
+    assert "<4>" not in text
