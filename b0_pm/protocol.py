@@ -131,7 +131,7 @@ def describe_validation_error(error) -> str:
         if custom:
             return f"{where}: {custom}" if where else custom
         return f"{_join(where, missing)}: required field missing"
-    if custom and keyword in ("pattern", "not", "propertyNames"):
+    if custom and keyword in ("pattern", "not", "anyOf", "propertyNames"):
         return f"{where}: {custom}, got {_show(error.instance)}" if where else custom
     if keyword == "type":
         wanted = error.validator_value

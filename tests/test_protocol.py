@@ -407,6 +407,8 @@ def test_hub_request_without_operation_forwards_an_empty_request():
 
 def test_hub_list_hosts_and_broadcast():
     assert protocol.parse_hub_request(b'{"list_hosts":{}}', REQ).operation == "list_hosts"
+    everywhere = protocol.parse_hub_request(b'{"host_name":"*","list_hosts":{}}', REQ)
+    assert everywhere.operation == "list_hosts" and everywhere.is_broadcast
     request = protocol.parse_hub_request(b'{"host_name":"*","list_active_processes":{}}', REQ)
     assert request.is_broadcast and request.operation == "list_active_processes"
 
@@ -415,7 +417,8 @@ def test_hub_list_hosts_and_broadcast():
     (b'{"stop_process":{"pid":1}}', REQ, "host_name: required field missing"),
     (b'{"host_name":"vm","start_process":{"path":"/a"}}', REQ, "start_process.args: required field missing"),
     (b'{"host_name":"*","stop_process":{"pid":1}}', REQ,
-     'host_name "*" is only allowed with list_active_processes alone'),
+     'host_name "*" is only allowed with list_active_processes or list_hosts alone'),
+    (b'{"host_name":"*"}', REQ, 'host_name "*" is only allowed with list_active_processes or list_hosts alone'),
     (b'{"host_name":', REQ, "json parse error"),
     (b'{"host_name":"vm"}', "", "request has no content type"),
 ])

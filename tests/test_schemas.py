@@ -121,6 +121,8 @@ def test_pm_request_refuses(document):
     {"host_name": "vm"},
     {"list_hosts": {}},
     {"host_name": "*", "list_active_processes": {}},
+    {"host_name": "*", "list_hosts": {}},
+    {"host_name": "robot1", "list_hosts": {}},
 ])
 def test_hub_request_accepts(document):
     assert protocol.validator("hub-request.json").is_valid(document)
@@ -132,6 +134,7 @@ def test_hub_request_accepts(document):
     {"host_name": ""},
     {"host_name": "*"},
     {"host_name": "*", "list_active_processes": {}, "stop_process": {"pid": 1}},
+    {"host_name": "*", "list_hosts": {}, "get_log": {"pid": 1}},
 ])
 def test_hub_request_refuses(document):
     assert not protocol.validator("hub-request.json").is_valid(document)
