@@ -43,11 +43,16 @@ def stderr_is_journal(environ=os.environ) -> bool:
 
 
 class JournalFormatter(logging.Formatter):
-    """Prefixes every line (tracebacks too) with `<priority>`, which journald strips and keeps."""
+    """Prefixes every line of another formatter's text (tracebacks too) with `<priority>`,
+    which journald strips and keeps as the entry's priority."""
+
+    def __init__(self, inner: logging.Formatter | None = None):
+        super().__init__()
+        self.inner = inner or logging.Formatter(JOURNAL_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{syslog_priority(record.levelno)}>"
-        return "\n".join(prefix + line for line in super().format(record).splitlines())
+        return "\n".join(prefix + line for line in self.inner.format(record).splitlines())
 
 
 def setup_logging(level: str | int = "INFO", *, log_file: str | None = None,
@@ -64,13 +69,32 @@ def setup_logging(level: str | int = "INFO", *, log_file: str | None = None,
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     elif stderr_is_journal():
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JournalFormatter(JOURNAL_FORMAT))
+        handler.setFormatter(JournalFormatter())
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    level = level.upper() if isinstance(level, str) else level
+    handler.setLevel(level)  # also filters node loggers routed here
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
+    root.setLevel(level)
     return handler
+
+
+def route_node_logger(node_logger: logging.Logger) -> None:
+    """A b0 node's logger prints to stderr itself (b0 format, B0_CONSOLE_LOGLEVEL): give
+    those lines journal priorities, or send them where setup_logging() sends the rest."""
+    destination = logging.getLogger().handlers
+    console = [handler for handler in node_logger.handlers
+               if type(handler) is logging.StreamHandler and handler.stream is sys.stderr]
+    if destination and getattr(destination[0], "stream", None) is sys.stderr:
+        if isinstance(destination[0].formatter, JournalFormatter):
+            for handler in console:
+                handler.setFormatter(JournalFormatter(handler.formatter))
+        return
+    for handler in console:
+        node_logger.removeHandler(handler)
+        for target in destination:
+            node_logger.addHandler(target)

@@ -97,3 +97,25 @@ def test_plain_stderr_has_no_prefix(tmp_path):
     text = run_logging_program(tmp_path, journal=False)
     assert "WARNING b0_pm.test: careful" in text
     assert "<4>" not in text
+
+
+NODE_LOG_PROGRAM = """
+import logging, sys
+from b0_pm.logsetup import route_node_logger, setup_logging
+setup_logging("INFO")
+node_logger = logging.Logger("b0.node.x")
+console = logging.StreamHandler(sys.stderr)
+console.setFormatter(logging.Formatter("[x] %(levelname)s: %(message)s"))
+node_logger.addHandler(console)
+route_node_logger(node_logger)
+node_logger.error("node trouble")
+"""
+
+
+def test_node_logger_lines_get_journal_priorities(tmp_path):
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        status = os.fstat(stderr.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{status.st_dev}:{status.st_ino}")
+        subprocess.run([sys.executable, "-c", NODE_LOG_PROGRAM], stderr=stderr, env=env, check=True)
+    assert stderr_path.read_text() == "<3>[x] ERROR: node trouble\n"
