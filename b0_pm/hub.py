@@ -36,7 +36,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from b0_pm import protocol
-from b0_pm.b0 import jsoncodec
 from b0_pm.b0.errors import MessageError
 from b0_pm.b0.node import ResolverError
 
@@ -254,8 +253,7 @@ class HubNode:
 
     def _serve(self, request, responder: Responder) -> None:
         try:
-            hub_request = protocol.parse_hub_request(self._list_hosts_everywhere_fix(request),
-                                                     request.content_type)
+            hub_request = protocol.parse_hub_request(request.payload, request.content_type)
         except MessageError as exc:
             self.log.warning("bad request: %s", exc)
             responder.error(f"bad request: {exc}")
@@ -273,24 +271,6 @@ class HubNode:
         else:
             self._forward(self.hosts[host], hub_request.pm_payload(),
                           lambda pm_payload, error: self._answer(responder, pm_payload, error))
-
-    @staticmethod
-    def _list_hosts_everywhere_fix(request) -> bytes:
-        """The payload, without host_name when it is {"host_name":"*","list_hosts":...} alone.
-
-        Workaround: hub-request.json accepts "*" only with list_active_processes,
-        yet "*" with list_hosts is documented here and sent by PMClient.hosts()."""
-        if b'"list_hosts"' not in request.payload:
-            return request.payload
-        try:
-            document = jsoncodec.loads(request.payload)
-        except MessageError:
-            return request.payload  # parse_hub_request reports it
-        if (isinstance(document, dict) and document.get("host_name") == protocol.BROADCAST_HOST
-                and "list_hosts" in document and protocol.first_operation(document) is None):
-            del document["host_name"]
-            return jsoncodec.dumps(document)
-        return request.payload
 
     @staticmethod
     def _answer(responder: Responder, pm_payload: bytes | None, error: str | None) -> None:
