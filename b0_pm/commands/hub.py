@@ -33,10 +33,13 @@ def run(args) -> int:
 
     from b0_pm.b0.node import Node, ResolverError
     from b0_pm.hub import HUB_NODE_NAME, HubNode
+    from b0_pm.logsetup import route_node_logger, setup_logging
     from b0_pm.notify import Notifier
 
+    setup_logging(cfg.log_level)
     node = Node(HUB_NODE_NAME, resolver=cfg.resolver_address or None, host_id=cfg.host_id or None,
                 max_message_size=cfg.max_message_bytes)
+    route_node_logger(node.log)
     hub = HubNode(node, forward_timeout_s=cfg.hub.forward_timeout_seconds,
                   host_expiry_s=cfg.hub.host_expiry_seconds,
                   active_nodes_interval_s=cfg.hub.active_nodes_interval_seconds,
