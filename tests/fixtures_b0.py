@@ -33,6 +33,14 @@ req_exchange(address, frames, timeout=2.0) -> list[bytes] | None
 resolver_request(address, key, body, timeout=2.0) -> dict | None
     A well-formed b0.message.resolv.Request {key: body}; returns the decoded
     JSON reply (the whole Response object), or None on timeout.
+
+NodeThread(name, build=None, **node_kwargs)  (a context manager)
+    Runs a b0_pm.b0.node.Node in its own thread, so a test can make blocking
+    calls to it: in that thread it creates the node, calls build(node) to
+    declare sockets, start()s it and spins. `with NodeThread(...) as nt:`
+    gives nt.node once started (start errors are re-raised); leaving the
+    block stops the loop, shuts the node down and joins the thread.
+    nt.call_in_loop(fn) runs fn() in the node's thread and returns its result.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,3 +168,64 @@ def b0_env(resolver, monkeypatch):
     for key in ("B0_RESOLVER", "B0_HOST_ID", "B0PM_BIND_HOST"):
         monkeypatch.setenv(key, resolver.env[key])
     return resolver.env
+
+
+class NodeThread:
+    def __init__(self, name: str, build=None, **node_kwargs):
+        self.name = name
+        self.build = build
+        self.node_kwargs = node_kwargs
+        self.node = None
+        self._ready: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._main, name=f"node-{name}", daemon=True)
+
+    def _main(self) -> None:
+        from b0_pm.b0.node import Node
+
+        try:
+            node = Node(self.name, **self.node_kwargs)
+        except BaseException as exc:
+            self._ready.put(exc)
+            return
+        try:
+            if self.build is not None:
+                self.build(node)
+            node.start()
+        except BaseException as exc:
+            node.shutdown()
+            self._ready.put(exc)
+            return
+        self.node = node
+        self._ready.put(None)
+        try:
+            node.spin()
+        finally:
+            node.shutdown()
+
+    def __enter__(self) -> "NodeThread":
+        self._thread.start()
+        error = self._ready.get(timeout=STARTUP_TIMEOUT_S)
+        if error is not None:
+            self._thread.join(STARTUP_TIMEOUT_S)
+            raise error
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.node.stop()
+        self._thread.join(STARTUP_TIMEOUT_S)
+        assert not self._thread.is_alive(), f"node thread {self.name} did not stop"
+
+    def call_in_loop(self, fn, timeout: float = 5.0):
+        result: queue.Queue = queue.Queue()
+
+        def run():
+            try:
+                result.put((True, fn()))
+            except BaseException as exc:
+                result.put((False, exc))
+
+        self.node.loop.call_soon_threadsafe(run)
+        ok, value = result.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value

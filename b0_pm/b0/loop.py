@@ -8,6 +8,7 @@ main thread; the signal wakes the poll through a self-pipe.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -53,6 +54,7 @@ class EventLoop:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._poller.register(self._wake_read, zmq.POLLIN)
+        self._threadsafe_calls: collections.deque = collections.deque()
 
     # -- registration -------------------------------------------------------
 
@@ -85,6 +87,11 @@ class EventLoop:
         heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
         return timer
 
+    def call_soon_threadsafe(self, callback) -> None:
+        """From any thread: run callback in the loop's thread at its next turn."""
+        self._threadsafe_calls.append(callback)  # deque.append is atomic
+        self._wake()
+
     # -- running ------------------------------------------------------------
 
     def run(self) -> None:
@@ -111,6 +118,8 @@ class EventLoop:
         for item, _ in events:
             if item == self._wake_read:
                 self._drain_wakeups()
+                while self._threadsafe_calls:
+                    self._invoke(self._threadsafe_calls.popleft())
                 continue
             callback = (self._socket_callbacks.get(item) if isinstance(item, zmq.Socket)
                         else self._fd_callbacks.get(item))
@@ -120,6 +129,9 @@ class EventLoop:
 
     def stop(self) -> None:
         self._stop_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_write, b"\0")
         except BlockingIOError:

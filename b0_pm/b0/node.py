@@ -13,6 +13,7 @@ import os
 import socket as _socket
 import sys
 import threading
+import time
 
 import zmq
 
@@ -221,12 +222,13 @@ class Node:
         if self.closed:
             return
         self.closed = True
+        self._shutdown_deadline = time.monotonic() + self.shutdown_timeout
         if self.started:
             self._stop_heartbeats()
             for sock in list(self._sockets):
                 self._close_socket(sock)
             try:
-                reply = self._resolver_request("shutdown_node", {"node_name": self.name}, self.shutdown_timeout)
+                reply = self._resolver_request("shutdown_node", {"node_name": self.name}, self._timeout())
                 if not reply.get("ok"):
                     self.log.warning("resolver refused shutdown_node for '%s'", self.name)
             except (TimeoutError, ResolverError, MessageError) as exc:
@@ -241,6 +243,12 @@ class Node:
             self.loop.close()
 
     # -- resolver conversation ------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        """resolver_timeout, or what is left of the shutdown budget once closing."""
+        if not self.closed:
+            return self.resolver_timeout
+        return max(0.0, self._shutdown_deadline - time.monotonic())
 
     def _resolver_request(self, key: str, body: dict, timeout: float | None) -> dict:
         if self._resolver_dead:
@@ -277,7 +285,7 @@ class Node:
     def _notify(self, key: str, other_key: str, sock, active: bool) -> None:
         reverse = isinstance(sock, (Subscriber, ServiceClient))
         self._resolver_request(key, {"node_name": self.name, other_key: sock.name,
-                                     "reverse": reverse, "active": active}, self.resolver_timeout)
+                                     "reverse": reverse, "active": active}, self._timeout())
 
     def _notify_graph(self, sock, active: bool) -> None:
         if not sock.notify_graph:
@@ -303,7 +311,7 @@ class Node:
     def _announce_service(self, server: ServiceServer) -> None:
         reply = self._resolver_request("announce_service", {
             "node_name": self.name, "service_name": server.name, "sock_addr": server.address,
-        }, self.resolver_timeout)
+        }, self._timeout())
         if not reply.get("ok"):
             raise ResolverError(f"announceService failed: the resolver refused service '{server.name}' "
                                 f"(name taken?)")
@@ -316,7 +324,7 @@ class Node:
             self.log.warning("graph notification for '%s' failed: %s", sock.name, exc)
 
     def resolve_service(self, name: str) -> str:
-        reply = self._resolver_request("resolve_service", {"service_name": name}, self.resolver_timeout)
+        reply = self._resolver_request("resolve_service", {"service_name": name}, self._timeout())
         address = reply.get("sock_addr")
         if not reply.get("ok") or not isinstance(address, str) or not address:
             raise ResolverError(f"Failed to resolve '{name}'")

@@ -338,10 +338,10 @@ class Publisher:
         self._sock.connect(xsub_address)
 
     def reconnect(self, xsub_address: str) -> None:
+        # A fresh socket: disconnect() leaves queued data for the dead proxy lingering.
         if self._sock is not None and xsub_address != self.address:
-            self._sock.disconnect(self.address)
-            self._sock.connect(xsub_address)
-            self.address = xsub_address
+            self.close(0)
+            self.open(self.name, xsub_address)
 
     def publish(self, payload: bytes, content_type: str | None = None) -> None:
         if self._sock is None:
@@ -379,10 +379,10 @@ class Subscriber:
         self.owner.loop.add_socket(self._sock, self._on_readable)
 
     def reconnect(self, xpub_address: str) -> None:
+        # A fresh socket: disconnect() leaves the subscription for the dead proxy lingering.
         if self._sock is not None and xpub_address != self.address:
-            self._sock.disconnect(self.address)
-            self._sock.connect(xpub_address)
-            self.address = xpub_address
+            self.close(0)
+            self.open(self.name, xpub_address)
 
     def close(self, linger: int | None = None) -> None:
         if self._sock is not None:
