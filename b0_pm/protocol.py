@@ -36,6 +36,7 @@ PM_OPERATIONS = ("start_process", "stop_process", "query_process_status",
 HUB_ONLY_OPERATIONS = ("list_hosts",)
 BROADCAST_HOST = "*"
 DEFAULT_LOG_LINES = 100
+MAX_NESTING = 32   # a real request nests 3 levels
 
 _log = logging.getLogger(__name__)
 
@@ -67,7 +68,23 @@ def decode_object(payload: bytes, content_type: str, expected_type: str, what: s
     document = jsoncodec.loads(payload)
     if not isinstance(document, dict):
         raise FieldError(f"{what} must be a JSON object, got {_json_type(document)}")
+    if _nesting_exceeds(document, MAX_NESTING):
+        raise FieldError(f"{what} is nested more than {MAX_NESTING} levels deep")
     return document
+
+
+def _nesting_exceeds(document, limit: int) -> bool:
+    # jsonschema recurses (and reprs) into values: a deep one would overflow the stack.
+    pending = [(document, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((value, depth + 1) for value in item.values())
+        elif isinstance(item, list):
+            pending.extend((value, depth + 1) for value in item)
+    return False
 
 
 def first_operation(request: dict, operations=PM_OPERATIONS) -> str | None:
@@ -222,13 +239,13 @@ class RequestProcessor:
         if operation is None:
             self.log.warning("bad request")
             return Reply(b"{}")
-        problem = check_operation(operation, request[operation])
-        if problem:
-            self.log.warning("bad request: %s", problem)
-            return self._refuse(operation, problem)
         try:
+            problem = check_operation(operation, request[operation])
+            if problem:
+                self.log.warning("bad request: %s", problem)
+                return self._refuse(operation, problem)
             return self._handlers[operation](normalized_body(operation, request[operation]))
-        except Exception as exc:  # a backend bug must still give the client its one reply
+        except Exception as exc:  # a bug here or in the backend must still give the client its one reply
             self.log.exception("%s failed", operation)
             return self._refuse(operation, f"internal error: {exc}")
 

@@ -283,6 +283,8 @@ def test_bad_list_body_keeps_pids_first_for_cpp_clients(processor):
     (b'{"list_active_processes":{}}', "", "request has no content type: expected b0::process_manager::Request"),
     (b'{"stop_process":{"pid":NaN}}', REQ, "NaN is not valid JSON"),
     (b"[" * 100000, REQ, "nested too deeply"),
+    (b'{"stop_process":{"pid":' + b"[" * 500 + b"]" * 500 + b"}}", REQ,
+     "request is nested more than 32 levels deep"),
 ])
 def test_unreadable_request_gets_a_top_level_error(processor, request_bytes, content_type, message):
     payload = call(processor, request_bytes, content_type)
