@@ -1,0 +1,237 @@
+"""SystemdBackend against a real systemd: the backend runs inside the sandbox
+(tests/backend_driver.py), so pids in these tests are the container's."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.backend_driver import DriverClient, DriverError
+from tests.fixtures_sandbox import REPO
+
+pytestmark = pytest.mark.systemd
+
+VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
+BOOKWORM_PYTHON = "/usr/bin/python3"   # Debian's python3-pystemd 0.11, what the .deb runs on
+DRIVER = str(REPO / "tests" / "backend_driver.py")
+SHORT_LADDER = [[signal.SIGINT, 0.5], [signal.SIGTERM, 0.5], [signal.SIGKILL, 0.0]]
+
+
+class SandboxDrivers:
+    """Backend drivers inside the sandbox for one test; everything they left is removed after it."""
+
+    def __init__(self, sandbox, instance: str):
+        self.sandbox = sandbox
+        self.instance = instance
+        self.processes = []
+
+    def start(self, python=VENV_PYTHON, **config) -> DriverClient:
+        config = {"kind": "systemd", "instance": self.instance, "stop_ladder": SHORT_LADDER, **config}
+        process = self.sandbox.popen([python, DRIVER, json.dumps(config)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.processes.append(process)
+        return DriverClient(process)
+
+    def kill(self, client: DriverClient) -> None:
+        """What `kill -9` does to a PM: no close(), no cleanup."""
+        self.sandbox.signal_daemon(client.process, signal.SIGKILL)
+        client.process.wait(timeout=10)
+
+    def sub_states(self) -> dict[str, str]:
+        """Unit name -> SubState (running, exited, failed, ...) of this test's units."""
+        result = self.sandbox.exec(["systemctl", "list-units", "--all", "--plain", "--no-legend",
+                                    f"b0pm-{self.instance}-*"], check=False)
+        return {line.split()[0]: line.split()[3] for line in result.stdout.splitlines() if line.strip()}
+
+    def units(self) -> list[str]:
+        return sorted(self.sub_states())
+
+    def show(self, unit: str, *properties) -> dict[str, str]:
+        result = self.sandbox.exec(["systemctl", "show", unit, *(f"--property={p}" for p in properties)])
+        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+    def close(self) -> None:
+        for process in self.processes:
+            self.sandbox.signal_daemon(process, signal.SIGKILL)
+            process.wait(timeout=10)
+        pattern = f"b0pm-{self.instance}-*"
+        self.sandbox.exec(["systemctl", "kill", "--signal=SIGKILL", pattern], check=False)
+        self.sandbox.exec(["systemctl", "stop", pattern], check=False)
+        self.sandbox.exec(["systemctl", "reset-failed", pattern], check=False)
+
+
+@pytest.fixture
+def drivers(systemd_sandbox, request):
+    instance = "t" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:40]
+    sandbox_drivers = SandboxDrivers(systemd_sandbox, instance)
+    yield sandbox_drivers
+    sandbox_drivers.close()
+
+
+both_pystemds = pytest.mark.parametrize("python", [VENV_PYTHON, BOOKWORM_PYTHON],
+                                        ids=["pystemd-venv", "pystemd-0.11"])
+
+
+def test_start_creates_a_unit_with_the_expected_properties(drivers):
+    backend = drivers.start()
+    record = backend.call("start", path="/bin/sleep", args=["30"],
+                          environment={"B0_HOST_ID": "arm1", "B0_RESOLVER": "tcp://127.0.0.1:22000"})
+    assert record["running"] and record["exit_code"] is None
+    unit = record["unit"]
+    assert unit.startswith(f"b0pm-{drivers.instance}-sleep-") and unit.endswith(".service")
+    shown = drivers.show(unit, "Slice", "Type", "ExecStart", "KillMode", "SyslogIdentifier",
+                         "Environment", "RemainAfterExit", "MainPID", "ActiveState", "Description")
+    assert shown["Slice"] == f"b0pm-{drivers.instance}.slice"
+    assert shown["Type"] == "exec"
+    assert "path=/bin/sleep ; argv[]=/bin/sleep 30 ;" in shown["ExecStart"]
+    assert shown["KillMode"] == "control-group"
+    assert shown["SyslogIdentifier"] == "sleep"
+    assert shown["Environment"].split() == ["B0_HOST_ID=arm1", "B0_RESOLVER=tcp://127.0.0.1:22000"]
+    assert shown["RemainAfterExit"] == "yes"
+    assert int(shown["MainPID"]) == record["pid"]
+    assert shown["ActiveState"] == "active"
+    assert "/bin/sleep 30" in shown["Description"]
+    assert backend.call("running") == [record["pid"]]
+    assert backend.call("status", pid=record["pid"])["running"]
+
+
+@both_pystemds
+def test_exit_codes_and_death_by_signal(drivers, python):
+    backend = drivers.start(python)
+    cases = {("-c", "exit 0"): (0, None), ("-c", "exit 3"): (3, None),
+             ("-c", "sleep 0.2; exit 4"): (4, None), ("-c", "kill -USR1 $$"): (-signal.SIGUSR1, signal.SIGUSR1)}
+    pids = {args: backend.call("start", path="/bin/sh", args=list(args))["pid"] for args in cases}
+    for args, (exit_code, killed_by) in cases.items():
+        record = backend.call("wait_exit", pid=pids[args], seconds=10)
+        assert (record["running"], record["exit_code"], record["signal"]) == (False, exit_code, killed_by), args
+        assert record["ended_at"] >= record["started_at"] > 0
+    assert backend.call("running") == []
+    assert sorted(r["pid"] for r in backend.call("ended")) == sorted(pids.values())
+
+
+@both_pystemds
+def test_exec_failures_raise_start_error_and_leave_no_unit(drivers, python, systemd_sandbox):
+    systemd_sandbox.exec(["sh", "-c", "printf 'echo\\n' > /var/tmp/not-executable; chmod 644 /var/tmp/not-executable;"
+                          "printf '#!/nonexistent/interpreter\\n' > /var/tmp/bad-interpreter;"
+                          "chmod 755 /var/tmp/bad-interpreter"])
+    backend = drivers.start(python)
+    failures = {"/nonexistent/program": "cannot execute /nonexistent/program: no such file or directory",
+                "/var/tmp/not-executable": "cannot execute /var/tmp/not-executable: permission denied (not executable)",
+                "/var/tmp/bad-interpreter":
+                    "cannot execute /var/tmp/bad-interpreter: exec format error or missing interpreter",
+                "/etc": "cannot execute /etc: is a directory",
+                "bin/sleep": "cannot execute bin/sleep: the path must be absolute"}
+    for path, sentence in failures.items():
+        with pytest.raises(DriverError) as raised:
+            backend.call("start", path=path, args=[])
+        assert (raised.value.error, raised.value.message) == ("StartError", sentence)
+    with pytest.raises(DriverError, match="cannot run /bin/true as user 'no-such-user'"):
+        backend.call("start", path="/bin/true", args=[], user="no-such-user")
+    assert drivers.units() == []
+    assert backend.call("running") == []
+
+
+def test_arguments_reach_the_program_verbatim_and_output_is_in_the_journal(drivers, systemd_sandbox):
+    backend = drivers.start()
+    script = 'echo "out:$1"; echo "err:$2" >&2'
+    record = backend.call("start", path="/bin/sh", args=["-c", script, "sh", "$HOME %n", "a  b"])
+    assert backend.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == 0
+    deadline = time.monotonic() + 5
+    while True:
+        journal = systemd_sandbox.exec(["journalctl", "-u", record["unit"], "-o", "cat", "--no-pager"]).stdout
+        if "err:a  b" in journal or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "out:$HOME %n" in journal and "err:a  b" in journal
+    tagged = systemd_sandbox.exec(["journalctl", "-t", "sh", "-o", "cat", "--no-pager"]).stdout
+    assert "out:$HOME %n" in tagged
+
+
+@both_pystemds
+def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(drivers, python):
+    backend = drivers.start(python)
+    record = backend.call("start", path="/bin/sh", args=["-c", "trap '' INT TERM; while :; do sleep 0.05; done"])
+    time.sleep(0.2)   # let the shell install its traps
+    stopped_at = time.monotonic()
+    assert backend.call("stop", pid=record["pid"])["stop_requested"]
+    ended = backend.call("wait_exit", pid=record["pid"], seconds=10)
+    assert (ended["exit_code"], ended["signal"]) == (-signal.SIGKILL, signal.SIGKILL)
+    assert time.monotonic() - stopped_at >= 1.0   # SIGINT, 0.5 s, SIGTERM, 0.5 s, SIGKILL
+
+
+def test_stop_ends_grandchildren_too(drivers, systemd_sandbox):
+    backend = drivers.start()
+    # a non-interactive shell starts `&` jobs with SIGINT ignored: only the ladder's SIGTERM ends them
+    record = backend.call("start", path="/bin/sh", args=["-c", "sleep 1001 & sleep 1002"])
+    time.sleep(0.3)
+    assert set(_sleepers(systemd_sandbox)) >= {"1001", "1002"}
+    backend.call("stop", pid=record["pid"])
+    assert backend.call("wait_exit", pid=record["pid"], seconds=10)["running"] is False
+    backend.call("run", seconds=1.5)
+    assert not {"1001", "1002"} & set(_sleepers(systemd_sandbox))
+    assert backend.call("stop", pid=record["pid"])["running"] is False   # stopping an ended pid is fine
+    with pytest.raises(DriverError, match="NotManaged"):
+        backend.call("stop", pid=999999)
+
+
+def _sleepers(sandbox) -> list[str]:
+    result = sandbox.exec(["pgrep", "-a", "-x", "sleep"], check=False)
+    return [line.split()[-1] for line in result.stdout.splitlines()]
+
+
+def test_a_new_backend_adopts_running_units_and_exit_records_after_a_kill_9(drivers):
+    first = drivers.start()
+    running = first.call("start", path="/bin/sleep", args=["1003"])
+    exited = first.call("start", path="/bin/sh", args=["-c", "exit 7"])
+    assert first.call("wait_exit", pid=exited["pid"], seconds=10)["exit_code"] == 7
+    drivers.kill(first)
+
+    second = drivers.start()
+    adopted = {record["pid"]: record for record in second.call("adopt")}
+    assert set(adopted) == {running["pid"], exited["pid"]}
+    assert adopted[running["pid"]]["running"] and adopted[running["pid"]]["args"] == ["1003"]
+    assert adopted[running["pid"]]["path"] == "/bin/sleep"
+    assert (adopted[exited["pid"]]["running"], adopted[exited["pid"]]["exit_code"]) == (False, 7)
+    assert second.call("running") == [running["pid"]]
+    assert second.call("adopt") == []   # adopting twice finds nothing new
+    second.call("stop", pid=running["pid"])
+    ended = second.call("wait_exit", pid=running["pid"], seconds=10)
+    assert (ended["exit_code"], ended["signal"]) == (-signal.SIGINT, signal.SIGINT)
+
+
+def test_an_exit_while_no_pm_runs_is_found_by_adopt(drivers, systemd_sandbox):
+    backend = drivers.start()
+    record = backend.call("start", path="/bin/sleep", args=["1004"])
+    drivers.kill(backend)   # nobody listens while it ends
+    systemd_sandbox.exec(["systemctl", "kill", "--signal=SIGTERM", record["unit"]])
+    time.sleep(0.3)
+    successor = drivers.start()
+    [adopted] = successor.call("adopt")
+    assert (adopted["running"], adopted["exit_code"]) == (False, -signal.SIGTERM)
+
+
+def test_retention_collects_ended_units(drivers):
+    backend = drivers.start(retention_s=1.0)
+    failed = backend.call("start", path="/bin/sh", args=["-c", "exit 5"])      # unit ends "failed"
+    succeeded = backend.call("start", path="/bin/true", args=[])             # unit stays "active (exited)"
+    for record in (failed, succeeded):
+        backend.call("wait_exit", pid=record["pid"], seconds=10)
+    assert sorted(drivers.units()) == sorted([failed["unit"], succeeded["unit"]])
+    backend.call("run", seconds=1.5)
+    assert backend.call("status", pid=failed["pid"]) is None
+    assert backend.call("status", pid=succeeded["pid"]) is None
+    deadline = time.monotonic() + 5
+    while drivers.units() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert drivers.units() == []
+
+
+def test_close_with_stop_all_ends_every_program(drivers):
+    backend = drivers.start()
+    for seconds in ("1005", "1006"):
+        backend.call("start", path="/bin/sleep", args=[seconds])
+    backend.call("close", stop_all=True)
+    # SIGINT is a clean exit for systemd: the units stay "active (exited)"
+    assert sorted(drivers.sub_states().values()) == ["exited", "exited"]
