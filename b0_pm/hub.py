@@ -146,7 +146,8 @@ class HubNode:
         if self.notifier is not None:
             self.notifier.stopping()
         for entry in list(self.hosts.values()):
-            self._drop(entry, "the HUB is shutting down")
+            # node.shutdown() closes the clients within its own time budget.
+            self._drop(entry, "the HUB is shutting down", close_client=False)
         self.node.shutdown()
 
     # -- beacons --------------------------------------------------------------
@@ -214,7 +215,7 @@ class HubNode:
                      format_seconds(self.host_expiry_s))
             self._drop(entry, f"{entry.describe()} stopped beaconing and was dropped before answering")
 
-    def _drop(self, entry: HostEntry, reason: str) -> None:
+    def _drop(self, entry: HostEntry, reason: str, *, close_client: bool = True) -> None:
         del self.hosts[entry.host_name]
         pending = ([entry.in_flight] if entry.in_flight else []) + list(entry.queue)
         entry.in_flight = None
@@ -222,7 +223,8 @@ class HubNode:
         for forward in pending:
             self._cancel_expiry(forward)
             forward.done(None, reason)
-        self._close_client(entry.client)
+        if close_client:
+            self._close_client(entry.client)
 
     def _close_client(self, client) -> None:
         client.close(0)  # drop a request a dead PM never took, rather than linger on it

@@ -99,8 +99,11 @@ class NetnsHost:
     def argv(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *argv]
 
-    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        """Start argv inside this host; it is ended at teardown."""
+    def popen(self, argv: list[str], *, log=None, **kwargs) -> subprocess.Popen:
+        """Start argv inside this host; it is ended at teardown. log: a path for stdout+stderr."""
+        if log is not None:
+            with open(log, "ab") as stream:
+                return self.popen(argv, stdout=stream, stderr=subprocess.STDOUT, **kwargs)
         # `ip netns exec` execs argv, so the Popen pid is the program's own pid.
         process = subprocess.Popen(self.argv(argv), **kwargs)
         self.processes.append(process)
