@@ -267,6 +267,12 @@ if mode == "pm":
         manager.Manager.StopUnit(name, b"replace")
     assert (state, status) == (b"active", 0), (state, status)
     print("probe: StartTransientUnit ok", flush=True)
+    # get_log: the PM reads its programs' output back from the journal.
+    import subprocess
+    journal = subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-u", name.decode()],
+                             capture_output=True, text=True, timeout=30)
+    assert journal.returncode == 0 and "Started" in journal.stdout, journal
+    print("probe: journal readable", flush=True)
 
 sdnotify.SystemdNotifier().notify("READY=1")
 print("probe: ok", flush=True)
@@ -322,6 +328,7 @@ def test_hardening_keeps_dbus_and_zeromq_working(systemd_sandbox, source_unit, m
     assert "probe: ok" in journal and "probe: zeromq inet ok" in journal, journal
     if mode == "pm":
         assert "probe: StartTransientUnit ok" in journal, journal
+        assert "probe: journal readable" in journal, journal
 
 
 @pytest.mark.systemd
