@@ -6,7 +6,9 @@ deadlines (`tick(now)`) are `time.monotonic()` seconds.
 """
 
 import logging
+import os
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +25,22 @@ class StartError(Exception):
 
 class NotManaged(Exception):
     """The pid is not (or no longer) managed by this backend."""
+
+
+def describe_exec_failure(path: str) -> str:
+    """Why exec(path) failed, in words, from what the file looks like now."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "no such file or directory"
+    except OSError as error:
+        return (error.strerror or "cannot be read").lower()
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory"
+    if not os.access(path, os.X_OK):
+        return "permission denied (not executable)"
+    # it exists and is executable: the kernel refused its format, or its #! interpreter is missing
+    return "exec format error or missing interpreter"
 
 
 @dataclass
@@ -58,7 +76,7 @@ class _Stopping:
 
 
 @dataclass
-class _Tracked:
+class TrackedProcess:
     record: ProcessRecord
     stopping: _Stopping | None = None
     forget_at: float | None = None   # monotonic; set once the program has ended
@@ -77,7 +95,7 @@ class Backend:
             raise ValueError("the stop ladder needs at least one signal")
         self.retention_s = float(retention_s)
         self.stop_ladder = tuple((int(sig), float(wait_s)) for sig, wait_s in stop_ladder)
-        self._table: dict[int, _Tracked] = {}
+        self._table: dict[int, TrackedProcess] = {}
         self._ended: list[ProcessRecord] = []   # ended since the last process_events()
 
     # -- the contract ------------------------------------------------------
@@ -149,25 +167,25 @@ class Backend:
 
     # -- shared helpers for subclasses -------------------------------------
 
-    def _track(self, record: ProcessRecord, handle) -> _Tracked:
-        tracked = _Tracked(record=record, handle=handle)
+    def _track(self, record: ProcessRecord, handle) -> TrackedProcess:
+        tracked = TrackedProcess(record=record, handle=handle)
         self._table[record.pid] = tracked
         if not record.running:
             self._retain(tracked, time.monotonic())
         return tracked
 
-    def _retain(self, tracked: _Tracked, now: float) -> None:
+    def _retain(self, tracked: TrackedProcess, now: float) -> None:
         ended_ago = max(0.0, time.time() - (tracked.record.ended_at or time.time()))
         tracked.forget_at = now + max(0.0, self.retention_s - ended_ago)
 
-    def _ended_now(self, tracked: _Tracked) -> None:
+    def _ended_now(self, tracked: TrackedProcess) -> None:
         """Called by a subclass right after record.mark_exited()."""
         record = tracked.record
         self._retain(tracked, time.monotonic())
         self._ended.append(record)
         log.info("process %d (%s) ended with exit code %s", record.pid, record.path, record.exit_code)
 
-    def _advance_ladder(self, tracked: _Tracked, now: float) -> None:
+    def _advance_ladder(self, tracked: TrackedProcess, now: float) -> None:
         stopping = tracked.stopping
         if stopping.next_step > 0 and not self._tree_alive(tracked):
             tracked.stopping = None
@@ -196,13 +214,13 @@ class Backend:
     def _poll_exits(self) -> None:
         raise NotImplementedError
 
-    def _signal_tree(self, tracked: _Tracked, signum: int) -> None:
+    def _signal_tree(self, tracked: TrackedProcess, signum: int) -> None:
         raise NotImplementedError
 
-    def _tree_alive(self, tracked: _Tracked) -> bool:
+    def _tree_alive(self, tracked: TrackedProcess) -> bool:
         raise NotImplementedError
 
-    def _collect(self, tracked: _Tracked) -> None:
+    def _collect(self, tracked: TrackedProcess) -> None:
         """Release what the backend keeps for an ended program (systemd: the unit)."""
 
     def _reconcile(self, now: float) -> None:

@@ -18,14 +18,13 @@ import re
 import secrets
 import select
 import shlex
-import stat
 import time
 
 from pystemd.dbusexc import DBusError
 from pystemd.dbuslib import DBus, apply_signature, path_encode
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
 
-from b0_pm.backends.base import Backend, ProcessRecord, StartError, _Tracked
+from b0_pm.backends.base import Backend, ProcessRecord, StartError, TrackedProcess, describe_exec_failure
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 # systemd's own exit statuses for a child that failed before running the program
 SETUP_FAILURES = {
     200: "cannot change to the working directory",
-    203: None,   # the exec itself: worded from the file, see _exec_failure_reason()
+    203: None,   # the exec itself: worded from the file, see describe_exec_failure()
     216: "the group cannot be used",
     217: "the user cannot be used",
 }
@@ -64,20 +63,6 @@ SIGNAL_MATCHES = (
 def unit_name_part(text: str) -> str:
     """Characters allowed in our unit names; '-' is kept out because it means hierarchy in slices."""
     return re.sub(r"[^A-Za-z0-9_.:]", "_", text)[:64] or "_"
-
-
-def _exec_failure_reason(path: str) -> str:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return "no such file or directory"
-    except OSError as error:
-        return (error.strerror or "cannot be read").lower()
-    if stat.S_ISDIR(info.st_mode):
-        return "is a directory"
-    if not os.access(path, os.X_OK):
-        return "permission denied (not executable)"
-    return "exec format error or missing interpreter"
 
 
 def _apply_exit(record: ProcessRecord, service: dict | None) -> None:
@@ -181,7 +166,7 @@ class SystemdBackend(Backend):
         except DBusError:
             return None   # the unit is gone
 
-    def _record_exit(self, tracked: _Tracked, service: dict | None) -> None:
+    def _record_exit(self, tracked: TrackedProcess, service: dict | None) -> None:
         if not tracked.record.running:
             return
         self._pid_by_path.pop(tracked.handle.path, None)
@@ -266,7 +251,7 @@ class SystemdBackend(Backend):
 
     def _start_failure_sentence(self, path, user, group, result, status) -> str:
         if status == 203:
-            return f"cannot execute {path}: {_exec_failure_reason(path)}"
+            return f"cannot execute {path}: {describe_exec_failure(path)}"
         if status == 217:
             return f"cannot run {path} as user {user!r}: {SETUP_FAILURES[217]}"
         if status == 216:
@@ -287,7 +272,7 @@ class SystemdBackend(Backend):
 
     # -- stop ladder hooks ---------------------------------------------------
 
-    def _signal_tree(self, tracked: _Tracked, signum: int) -> None:
+    def _signal_tree(self, tracked: TrackedProcess, signum: int) -> None:
         unit = tracked.handle
         try:
             # a unit name is never reused by us; the InvocationID proves it is still the same run
@@ -298,13 +283,13 @@ class SystemdBackend(Backend):
         except DBusError as error:
             log.debug("KillUnit %s: %s", unit.name, error)   # no process left, or the unit is gone
 
-    def _tree_alive(self, tracked: _Tracked) -> bool:
+    def _tree_alive(self, tracked: TrackedProcess) -> bool:
         try:
             return bool(self._manager(b"GetUnitProcesses", b"s", tracked.handle.bname))
         except DBusError:
             return False
 
-    def _collect(self, tracked: _Tracked) -> None:
+    def _collect(self, tracked: TrackedProcess) -> None:
         unit = tracked.handle
         try:
             state = self._calls.get_property(SYSTEMD, unit.path, UNIT, b"ActiveState", b"s")
