@@ -19,6 +19,7 @@ The tests run in file order and build on each other (install, then run,
 then restart, upgrade, remove), like the steps above.
 """
 
+import json
 import os
 import re
 import shutil
@@ -323,6 +324,36 @@ def test_start_status_stop_list_through_the_hub(running):
     assert m.host in m.b0pm("list", "--host", "*").stdout
     m.b0pm("stop", "--host", m.host, "--wait", str(pid))
     assert not m.listed(pid, host=m.host)
+
+
+SCRIPTS = "/usr/lib/b0-process-manager/scripts"
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize("via_hub", [False, True], ids=["direct", "hub"])
+def test_bluezero_scripts_print_the_json_replies(running, via_hub):
+    """The four scripts of the original, on top of `b0-pm call`."""
+    m = running
+    hub = ["--hub"] if via_hub else []
+    if via_hub:
+        m.wait_for("the HUB to hear this host's beacon",
+                   lambda: m.host in m.b0pm("hosts", check=False).stdout.split())
+
+    def script(name, *args):
+        out = m.run([f"{SCRIPTS}/b0-pm-{name}", *hub, m.host, *map(str, args)]).stdout
+        reply = json.loads(out)  # one JSON object, nothing else
+        if via_hub:
+            assert reply.pop("success") is True, out  # the HUB's wrapper
+        return reply
+
+    started = script("start-process", TALKER, "from a script")["start_process"]
+    assert started["success"] is True and started["pid"] > 0, started
+    pid = started["pid"]
+    assert script("query-process", pid) == {"query_process_status": {"success": True, "running": True}}
+    assert pid in script("list-processes")["list_active_processes"]["pids"]
+    assert script("stop-process", pid) == {"stop_process": {"success": True}}
+    m.wait_for("the program to end", lambda: pid not in script("list-processes")[
+        "list_active_processes"]["pids"])
 
 
 def restart_keeps_programs(m: Machine, restart):
