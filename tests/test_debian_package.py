@@ -198,27 +198,34 @@ class Machine:
 
 @pytest.fixture(scope="module")
 def installed(deb_dir):
-    """A container with the package installed by apt and configured for the tests."""
+    """A container with the package installed by apt."""
+    require_sandbox()
+    sandbox = boot_sandbox(binds=())  # nothing of the checkout: only the .deb goes in
+    try:
+        machine = Machine(sandbox, free_port())
+        install(machine, the_deb(deb_dir))
+        yield machine
+    finally:
+        sandbox.close()
+
+
+def require_sandbox():
     reason = sandbox_unavailable_reason()
     if reason is not None:
         if os.environ.get("B0PM_REQUIRE_SANDBOX") == "1":
             pytest.fail(f"B0PM_REQUIRE_SANDBOX=1 but {reason}")
         pytest.skip(reason)
-    sandbox = boot_sandbox(binds=())  # nothing of the checkout: only the .deb goes in
-    try:
-        machine = Machine(sandbox, free_port())
-        deb = the_deb(deb_dir)
-        shutil.copy(deb, sandbox.root / "var" / "tmp" / deb.name)
-        # The VM image carries Docker's policy-rc.d ("exit 101": no service may
-        # be started or stopped by maintainer scripts). A real system has none,
-        # and with it the removal test could not see the package stop its units.
-        machine.run(["rm", "-f", "/usr/sbin/policy-rc.d"])
-        # apt, not dpkg -i: it resolves Depends (all present in the image, so offline).
-        machine.run(["sh", "-c", f"cd /var/tmp && DEBIAN_FRONTEND=noninteractive "
-                                 f"apt-get install -y ./{deb.name}"], timeout=300)
-        yield machine
-    finally:
-        sandbox.close()
+
+
+def install(machine: "Machine", deb: Path):
+    shutil.copy(deb, machine.sandbox.root / "var" / "tmp" / deb.name)
+    # The VM image carries Docker's policy-rc.d ("exit 101": no service may
+    # be started or stopped by maintainer scripts). A real system has none,
+    # and with it the removal test could not see the package stop its units.
+    machine.run(["rm", "-f", "/usr/sbin/policy-rc.d"])
+    # apt, not dpkg -i: it resolves Depends (all present in the image, so offline).
+    machine.run(["sh", "-c", f"cd /var/tmp && DEBIAN_FRONTEND=noninteractive "
+                             f"apt-get install -y ./{deb.name}"], timeout=300)
 
 
 @pytest.mark.systemd
@@ -413,3 +420,26 @@ def test_purge_forgets_enablement_and_state(running):
     assert not links.strip(), f"enablement links left after purge:\n{links}"
     assert not (m.sandbox.root / "etc" / "b0-pm").exists()
     assert not (m.sandbox.root / "var" / "lib" / "b0-pm").exists()
+
+
+@pytest.mark.systemd
+def test_autopkgtest_smoke_passes(deb_dir):
+    """debian/tests/smoke, as autopkgtest runs it on a throw-away machine:
+    as root, after installing the package, in a fresh container."""
+    require_sandbox()
+    sandbox = boot_sandbox(binds=())
+    try:
+        m = Machine(sandbox, free_port())
+        install(m, the_deb(deb_dir))
+        # the one deviation: a private resolver port, for the shared network namespace
+        default = sandbox.root / "etc" / "default" / "b0-pm"
+        default.write_text(default.read_text() + f"B0_RESOLVER_PORT={m.port}\n"
+                                                 f"B0_RESOLVER=tcp://localhost:{m.port}\n")
+        smoke = (REPO / "debian" / "tests" / "smoke").read_text()
+        m.run(["sh", "-c", "cat > /var/tmp/smoke && chmod 0755 /var/tmp/smoke"], input=smoke)
+        m.units = ("b0-resolver.service", "b0-pm@autopkgtest-host.service", "b0-pm-hub.service")
+        result = m.run(["/var/tmp/smoke"], check=False, timeout=240)
+        assert result.returncode == 0 and "smoke: ok" in result.stdout, (
+            f"{result.stdout}{result.stderr}")
+    finally:
+        sandbox.close()
