@@ -79,3 +79,27 @@ def test_usage_errors_exit_2(resolver, args):
     result = call(resolver.env, *args)
     assert result.returncode == 2
     assert b"usage" in result.stderr
+
+
+def test_sigterm_while_waiting_shuts_the_node_down_cleanly(b0_env, resolver):
+    import signal
+    with NodeThread("mute", lambda n: n.service_server("mute/svc", lambda request: None)):
+        proc = subprocess.Popen([sys.executable, "-m", "b0_pm", "call", "mute/svc", "-n", "waiter"],
+                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=b0_env, cwd=REPO_ROOT)
+        try:
+            proc.stdin.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                graph = resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]
+                if {"node_name": "waiter", "other_name": "mute/svc", "reversed": True} in graph["node_service"]:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 130
+            assert b"interrupted" in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    names = [n["node_name"] for n in resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]["nodes"]]
+    assert "waiter" not in names

@@ -9,6 +9,7 @@ import sys
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
 
 
 def register(subparsers) -> None:
@@ -49,7 +50,10 @@ def run(args) -> int:
         try:
             client = node.service_client(service)
             node.start()
-            reply = client.call(payload, args.content_type, args.timeout)
+            reply = _call_while_spinning(node, client, payload, args.content_type, args.timeout)
+            if reply is None:
+                print(f"b0-pm call: interrupted while waiting for service '{service}'", file=sys.stderr)
+                return EXIT_INTERRUPTED
         except TimeoutError as exc:
             print(f"b0-pm call: {_timeout_message(exc, service, args.timeout)}", file=sys.stderr)
             return EXIT_TIMEOUT
@@ -65,6 +69,26 @@ def run(args) -> int:
     out.write(reply.payload)
     out.flush()
     return 0
+
+
+def _call_while_spinning(node, client, payload: bytes, content_type: str, timeout: float | None):
+    """The reply envelope, or None if SIGINT/SIGTERM came first; raises what the call raised.
+
+    The loop keeps running meanwhile, so heartbeats go on during a long wait.
+    """
+    outcome = []
+
+    def done(result) -> None:
+        outcome.append(result)
+        node.loop.stop()
+
+    client.call_async(payload, content_type, timeout, done)
+    node.loop.run()
+    if not outcome:
+        return None
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _timeout_message(exc: TimeoutError, service: str, timeout: float) -> str:
