@@ -1,7 +1,6 @@
 """Node against a real resolver process: announce, services, topics, log,
 heartbeats, shutdown and recovery after a resolver restart."""
 
-import os
 import threading
 import time
 
@@ -10,7 +9,7 @@ import pytest
 from b0_pm.b0 import jsoncodec
 from b0_pm.b0.errors import HeaderMismatchError
 from b0_pm.b0.node import Node, ResolverError, console_level
-from tests.fixtures_b0 import NodeThread, free_port, req_exchange, resolver_request
+from tests.fixtures_b0 import NodeThread, free_port, resolver_request
 
 
 def wait_for(predicate, timeout=5.0, step=0.02):
@@ -62,8 +61,7 @@ def test_unique_names_and_placeholders(b0_env, resolver):
 
 
 def test_service_call_through_the_resolver(b0_env, resolver):
-    with NodeThread("server", lambda n: n.service_server("%n/echo", echo)) as server:
-        assert server.node.service_server  # started
+    with NodeThread("server", lambda n: n.service_server("%n/echo", echo)):
         with Node("client") as client:
             svc = client.service_client("server/echo")
             client.start()
@@ -156,22 +154,35 @@ def test_handler_errors_become_error_replies(b0_env, resolver):
             assert reply == {"success": False, "error_message": "internal error: ZeroDivisionError: oops"}
 
 
-def test_reply_header_mismatch_is_reported_to_the_caller(b0_env, resolver):
-    with NodeThread("server", lambda n: n.service_server("real", echo)):
+def test_reply_with_a_wrong_header0_raises_and_the_client_stays_usable(b0_env, resolver):
+    import zmq
+    from b0_pm.b0 import envelope
+    from b0_pm.b0.sockets import ServiceClient
+
+    rep = zmq.Context.instance().socket(zmq.REP)
+    rep.linger = 0
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+
+    def impostor():
+        rep.recv()
+        rep.send(envelope.encode("someone_else", b"x"))
+        rep.recv()
+        rep.send(envelope.encode("svc", b"fine"))
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    try:
         with Node("client") as client:
             client.start()
-            # A client whose name differs from the server's: the reply's header0 won't match.
-            from b0_pm.b0.sockets import ServiceClient
-            odd = ServiceClient(client, "other")
-            odd.open("other", client.resolve_service("real"))
-            reply_frames = req_exchange(client.resolve_service("real"),
-                                        b"other\nPart-count: 1\nContent-length-0: 0\nContent-length: 0\n\n")
-            assert b"does not match" in reply_frames[0]
-            odd.name = "real"  # header0 'real' passes the server, reply header0 'real' != 'other'
-            odd.name = "other"
-            with pytest.raises(HeaderMismatchError):
-                odd._unpack([b"real\nPart-count: 1\nContent-length-0: 0\nContent-length: 0\n\n"])
-            odd.close(0)
+            svc = ServiceClient(client, "svc")
+            svc.open("svc", f"tcp://127.0.0.1:{port}")
+            with pytest.raises(HeaderMismatchError, match="someone_else"):
+                svc.call(b"q", "", 5)
+            assert svc.call(b"q", "", 5).payload == b"fine"
+            svc.close(0)
+    finally:
+        thread.join(5)
+        rep.close(0)
 
 
 def test_service_port_from_environment(b0_env, resolver, monkeypatch):

@@ -20,7 +20,6 @@ from b0_pm.b0.envelope import DEFAULT_MAX_SIZE
 from b0_pm.b0.errors import FieldError
 from b0_pm.b0.loop import EventLoop
 from b0_pm.b0.node import (
-    LOG_ENTRY,
     RESOLV_REQUEST,
     RESOLV_RESPONSE,
     default_bind_host,
