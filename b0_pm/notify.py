@@ -25,6 +25,9 @@ class Notifier:
         if os.environ.get("NOTIFY_SOCKET"):
             import sdnotify  # only needed under systemd; it reads $NOTIFY_SOCKET itself
             self._notifier = sdnotify.SystemdNotifier()
+            if self._notifier.socket is not None:
+                # a receiver that stops reading must cost a lost ping, never a hung node
+                self._notifier.socket.setblocking(False)
         # like sd_notify(unset_environment=1): programs we start must not talk to our socket
         for name in NOTIFY_VARIABLES:
             os.environ.pop(name, None)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -43,6 +44,17 @@ def test_notifier_sends_ready_status_watchdog_stopping(notify_socket, monkeypatc
     assert sock.recv(4096) == b"WATCHDOG=1"
     notifier.stopping()
     assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_notifier_never_blocks_on_a_full_socket(notify_socket, monkeypatch):
+    sock, path = notify_socket
+    set_environment(monkeypatch, NOTIFY_SOCKET=path)
+    notifier = Notifier()
+    began = time.monotonic()
+    for _ in range(10_000):  # far more than the receive queue holds
+        notifier.watchdog()
+    assert time.monotonic() - began < 5
+    assert sock.recv(4096) == b"WATCHDOG=1"
 
 
 def test_notifier_is_silent_outside_systemd(monkeypatch):

@@ -1,0 +1,128 @@
+"""`b0-pm serve`: this host's process manager node (what b0-pm@HOST.service runs)."""
+
+import os
+import sys
+
+from b0_pm import config
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run this host's process manager node",
+        description="Run the process manager of this host, a drop-in for b0_process_manager: "
+                    "node process_manager@HOST with service process_manager@HOST/control, "
+                    "beacons on process_manager/beacon, start/exit events on "
+                    "process_manager/events. Programs run as transient systemd services when "
+                    "systemd is reachable, else as plain child processes.")
+    config.add_arguments(parser, "pm")
+    parser.add_argument("--allow", dest="config_pm_allowed_directories", action="append",
+                        metavar="DIR", help="same as --allowed-directory")
+    daemon = parser.add_argument_group("without systemd")
+    daemon.add_argument("--daemon", action="store_true",
+                        help="detach into the background (python-daemon); refused under systemd, "
+                             "whose units run the PM in the foreground")
+    daemon.add_argument("--pidfile", metavar="FILE", help="with --daemon: write the pid here (locked)")
+    daemon.add_argument("--log-file", metavar="FILE",
+                        help="log to FILE instead of stderr (with --daemon: instead of syslog)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        cfg = config.load(args)
+    except config.ConfigError as exc:
+        print(f"b0-pm serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from b0_pm.notify import under_systemd
+
+    if args.pidfile and not args.daemon:
+        print("b0-pm serve: --pidfile needs --daemon", file=sys.stderr)
+        return EXIT_USAGE
+    if args.daemon and under_systemd():
+        print("b0-pm serve: --daemon refused: this runs under systemd, which expects the service in "
+              "the foreground (Type=notify); drop --daemon", file=sys.stderr)
+        return EXIT_USAGE
+    # the daemon changes directory to /, so relative paths are made absolute first
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    if not args.daemon:
+        return serve(cfg, log_file=log_file)
+    return serve_daemonized(cfg, log_file=log_file,
+                            pidfile=os.path.abspath(args.pidfile) if args.pidfile else None)
+
+
+def serve_daemonized(cfg, *, log_file: str | None, pidfile: str | None) -> int:
+    import daemon
+    import daemon.pidfile
+
+    lock = daemon.pidfile.TimeoutPIDLockFile(pidfile, acquire_timeout=0) if pidfile else None
+    context = daemon.DaemonContext(pidfile=lock, umask=0o022)
+    try:
+        context.open()
+    except Exception as exc:  # lockfile raises its own errors (AlreadyLocked, LockTimeout...)
+        print(f"b0-pm serve: cannot daemonize: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    with context:
+        # everything that owns a descriptor (zmq, D-Bus, syslog, sd_notify) is created after the fork
+        return serve(cfg, log_file=log_file, use_syslog=log_file is None)
+
+
+def serve(cfg, *, log_file: str | None = None, use_syslog: bool = False) -> int:
+    from b0_pm.b0.node import ResolverError, console_level
+    from b0_pm.logsetup import route_node_logger, setup_logging
+    from b0_pm.manager import ProcessManager, resolve_host_id
+    from b0_pm.notify import Notifier
+
+    # the node's console logger reads the b0 variable; the environment wins over the file, as for C++ nodes
+    os.environ.setdefault("B0_CONSOLE_LOGLEVEL", cfg.log_level)
+    try:
+        level = console_level(os.environ["B0_CONSOLE_LOGLEVEL"])
+    except ValueError as exc:
+        print(f"b0-pm serve: B0_CONSOLE_LOGLEVEL: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(level, log_file=log_file, use_syslog=use_syslog, ident="b0-pm")
+    notifier = Notifier()
+    host_id = resolve_host_id(cfg)
+    try:
+        backend, read_log = make_backend(cfg, host_id)
+    except BackendUnavailable as exc:
+        print(f"b0-pm serve: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    manager = ProcessManager(cfg, backend, host_id=host_id, read_log=read_log, notifier=notifier)
+    route_node_logger(manager.log)
+    try:
+        manager.run()
+    except (TimeoutError, ResolverError, OSError) as exc:
+        manager.log.error("cannot serve: %s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # Ctrl-C while still announcing (the loop handles it later on)
+        pass
+    return 0
+
+
+class BackendUnavailable(Exception):
+    """The configured backend cannot be used here; the message says why."""
+
+
+def make_backend(cfg, host_id: str):
+    """The configured backend and its log reader (None when it keeps no journal)."""
+    import signal
+
+    from b0_pm.protocol import JournalLogReader
+
+    pm = cfg.pm
+    options = {"retention_s": pm.retention_seconds,
+               "stop_ladder": ((signal.SIGINT, pm.stop_signal_grace_seconds),
+                               (signal.SIGTERM, pm.term_grace_seconds), (signal.SIGKILL, 0.0))}
+    if pm.backend in ("systemd", "user", "auto"):
+        user_mode = pm.backend == "user"
+        try:
+            from b0_pm.backends.systemd import SystemdBackend
+            return SystemdBackend(host_id, user_mode=user_mode, **options), JournalLogReader(user_manager=user_mode)
+        except Exception as exc:  # no pystemd, no bus, no systemd: all mean "not here"
+            if pm.backend != "auto":
+                raise BackendUnavailable(f"the {pm.backend} backend is not available: {exc}") from exc
+    from b0_pm.backends.local import LocalBackend
+    return LocalBackend(**options), None

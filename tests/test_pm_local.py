@@ -1,0 +1,276 @@
+"""The process manager on the local backend, on this host: a real `b0-pm serve`
+process, a real resolver, requests through raw REQ sockets, topics through a
+real b0 node. One PM serves the whole module (short stop ladder)."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from b0_pm.b0 import envelope, jsoncodec
+from tests.fixtures_b0 import resolver_request, start_resolver
+from tests.test_pm_support import (RESPONSE_TYPE, Control, PMProcess, TopicListener, pm_environment,
+                                   python_executable, resolve, serve_argv, write_test_programs)
+
+HOST_ID = "127.0.0.1"
+NODE_NAME = f"process_manager@{HOST_ID}"
+SERVICE = f"{NODE_NAME}/control"
+LADDER_STEP_S = 0.3
+WATCHDOG_USEC = 400_000
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    resolver = start_resolver()
+    yield resolver
+    resolver.stop()
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("programs")
+    return write_test_programs(str(directory))
+
+
+@pytest.fixture(scope="module")
+def empty_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "b0-pm.toml"
+    path.write_text("")
+    return str(path)
+
+
+def notification_socket(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    return sock
+
+
+def notifications_until(sock, wanted: bytes, timeout: float = 10.0) -> list[bytes]:
+    """Every datagram received up to and including one that contains `wanted`."""
+    received = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        received.append(sock.recv(4096))
+        if wanted in received[-1]:
+            return received
+    raise TimeoutError(f"{wanted!r} not received; got {received}")
+
+
+@pytest.fixture(scope="module")
+def pm(resolver, programs, empty_config, tmp_path_factory):
+    """The module's PM, with its sd_notify socket, control client and topic listener."""
+    workdir = tmp_path_factory.mktemp("pm")
+    notify = notification_socket(workdir / "notify")
+    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", HOST_ID,
+                      "--allowed-directory", os.path.dirname(programs["exit0"]),
+                      "--stop-signal-grace-seconds", str(LADDER_STEP_S),
+                      "--term-grace-seconds", str(LADDER_STEP_S))
+    env = pm_environment(resolver.env, NOTIFY_SOCKET=str(workdir / "notify"),
+                         WATCHDOG_USEC=str(WATCHDOG_USEC))
+    process = PMProcess(argv, env, workdir / "pm.log")
+    control = listener = None
+    try:
+        control = Control(resolve(resolver.address, SERVICE), SERVICE)
+        listener = TopicListener(resolver.address).__enter__()
+        listener.next("process_manager/beacon")  # the subscription is live
+        yield process, control, listener, notify
+    finally:
+        if listener is not None:
+            listener.__exit__(None, None, None)
+        if control is not None:
+            control.close()
+        process.kill()
+        notify.close()
+        print(process.log())
+
+
+def test_ready_status_and_watchdog(pm):
+    process, control, _, notify = pm
+    first = notifications_until(notify, b"READY=1")
+    assert b"READY=1\nSTATUS=0 processes running" in first
+    before = time.monotonic()
+    notifications_until(notify, b"WATCHDOG=1")
+    notifications_until(notify, b"WATCHDOG=1")
+    assert time.monotonic() - before < 2 * WATCHDOG_USEC / 1e6 + 0.5
+
+
+def test_beacon_has_the_exact_payload(pm):
+    _, _, listener, _ = pm
+    content_type, beacon = listener.next("process_manager/beacon")
+    assert content_type == "b0::process_manager::Beacon"
+    assert list(beacon.items()) == [("host_name", HOST_ID), ("node_name", NODE_NAME),
+                                    ("service_name", SERVICE)]
+
+
+def test_start_query_list_stop_with_events(pm, programs):
+    _, control, listener, _ = pm
+    pid = control.start_pid(programs["sleeper"], "--flag", "two words")
+    assert pid in control.pids()
+    assert control.query(pid) == {"success": True, "running": True}
+    content_type, started = listener.next("process_manager/events", lambda m: m["pid"] == pid)
+    assert content_type == "b0::process_manager::Event"
+    assert started["event"] == "started"
+    assert (started["host_name"], started["node_name"]) == (HOST_ID, NODE_NAME)
+    assert (started["path"], started["args"]) == (programs["sleeper"], ["--flag", "two words"])
+
+    assert control.stop(pid) == {"success": True}
+    status = control.wait_exit(pid)
+    assert status == {"success": True, "running": False, "exit_code": -2, "signal": 2, "signal_name": "SIGINT"}
+    assert pid not in control.pids()
+    _, exited = listener.next("process_manager/events", lambda m: m["pid"] == pid and m["event"] == "exited")
+    assert exited["exit_code"] == -2 and exited["stop_requested"] is True
+
+
+@pytest.mark.parametrize("program, expected", [
+    ("exit0", {"exit_code": 0}),
+    ("exit3", {"exit_code": 3}),
+    ("kill_self", {"exit_code": -15, "signal": 15, "signal_name": "SIGTERM"}),
+])
+def test_exit_codes(pm, programs, program, expected):
+    _, control, listener, _ = pm
+    pid = control.start_pid(programs[program])
+    assert control.wait_exit(pid) == {"success": True, "running": False, **expected}
+    _, exited = listener.next("process_manager/events", lambda m: m["pid"] == pid and m["event"] == "exited")
+    assert exited["exit_code"] == expected["exit_code"]
+    assert "stop_requested" not in exited
+
+
+def test_exec_failures_are_errors_not_pids(pm, programs):
+    _, control, _, _ = pm
+    directory = os.path.dirname(programs["exit0"])
+    for path in (programs["not_executable"], os.path.join(directory, "missing")):
+        reply = control.start(path)
+        assert reply["success"] is False and "pid" not in reply, reply
+        assert reply["error_message"]
+    refused = control.start("/bin/true")
+    assert refused["success"] is False and "permission denied" in refused["error_message"]
+
+
+def test_a_child_ignoring_int_and_term_is_killed(pm, programs):
+    _, control, _, _ = pm
+    pid = control.start_pid(programs["stubborn"])
+    time.sleep(0.2)  # let the shell install its traps
+    began = time.monotonic()
+    assert control.stop(pid) == {"success": True}
+    status = control.wait_exit(pid, timeout=10)
+    assert status["exit_code"] == -9 and status["signal_name"] == "SIGKILL"
+    assert time.monotonic() - began < 2 * LADDER_STEP_S + 2
+
+
+def test_grandchildren_are_gone_after_a_stop(pm, programs, tmp_path):
+    _, control, _, _ = pm
+    pid_file = tmp_path / "grandchild.pid"
+    pid = control.start_pid(programs["tree"], str(pid_file))
+    deadline = time.monotonic() + 5
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    grandchild = int(pid_file.read_text())
+    assert process_alive(grandchild)
+    control.stop(pid)
+    control.wait_exit(pid)
+    deadline = time.monotonic() + 2 * LADDER_STEP_S + 3
+    while process_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(grandchild)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_children_get_the_b0_environment(pm, programs, tmp_path, resolver):
+    _, control, _, _ = pm
+    dump = tmp_path / "env"
+    pid = control.start_pid(programs["env_dump"], str(dump))
+    assert control.wait_exit(pid)["exit_code"] == 0
+    environment = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert environment["B0_RESOLVER"] == resolver.address
+    assert environment["B0_HOST_ID"] == HOST_ID
+    assert "NOTIFY_SOCKET" not in environment and "WATCHDOG_USEC" not in environment
+
+
+# Appendix F: each of these made the original PM abort without a reply.
+CRASH_REQUESTS = [
+    ("unparsable JSON", b'{"start_process":', "b0::process_manager::Request"),
+    ("start without args", b'{"start_process":{"path":"/bin/true"}}', "b0::process_manager::Request"),
+    ("no pid", b'{"stop_process":{}}', "b0::process_manager::Request"),
+    ("pid as a string", b'{"query_process_status":{"pid":"1"}}', "b0::process_manager::Request"),
+    ("wrong content type", b'{"list_active_processes":{}}', "b0.message.resolv.Request"),
+    ("no content type", b'{"list_active_processes":{}}', None),
+    ("not an object", b'[1,2]', "b0::process_manager::Request"),
+    ("not UTF-8", b'{"start_process":{"path":"\xff","args":[]}}', "b0::process_manager::Request"),
+    ("deep nesting", b'{"a":' * 200 + b'1' + b'}' * 200, "b0::process_manager::Request"),
+]
+
+
+@pytest.mark.parametrize("what, payload, content_type", CRASH_REQUESTS, ids=[r[0] for r in CRASH_REQUESTS])
+def test_crash_requests_get_an_error_reply(pm, what, payload, content_type):
+    process, control, _, _ = pm
+    reply_type, reply = control.call_raw(payload, content_type)
+    assert reply_type == RESPONSE_TYPE
+    decoded = jsoncodec.loads(reply)
+    assert "true" not in reply.decode(), decoded
+    assert decoded == {} or b'"success":false' in reply, decoded
+    assert isinstance(control.pids(), list) and process.process.poll() is None
+
+
+def test_missing_program_in_allowed_directory_is_an_error(pm, programs):
+    _, control, _, _ = pm
+    reply = control.start(os.path.join(os.path.dirname(programs["exit0"]), "no-such-program"))
+    assert reply["success"] is False and "pid" not in reply
+
+
+def test_malformed_envelopes_get_an_error_reply(pm):
+    process, control, _, _ = pm
+    wrong_header = envelope.encode("someone_else/control", b'{"list_active_processes":{}}',
+                                   "b0::process_manager::Request")
+    for frames in ([b"garbage"], [wrong_header], [wrong_header, wrong_header]):
+        reply = control.exchange(frames)
+        assert b'"success":false' in envelope.decode(reply[0]).payload
+    assert process.process.poll() is None and isinstance(control.pids(), list)
+
+
+def test_dispatch_is_first_known_key(pm, programs):
+    _, control, _, _ = pm
+    assert control.call({}) == {}
+    assert control.call({"foo": {}}) == {}
+    both = control.call({"list_active_processes": {}, "query_process_status": {"pid": 1}})
+    assert list(both) == ["query_process_status"]
+
+
+def test_sigterm_ends_cleanly_and_tells_the_resolver(resolver, empty_config, tmp_path):
+    """A second PM (host id localhost) without allowed directories: refuses, then SIGTERM."""
+    notify = notification_socket(tmp_path / "notify")
+    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost")
+    process = PMProcess(argv, pm_environment(resolver.env, NOTIFY_SOCKET=str(tmp_path / "notify")),
+                        tmp_path / "pm.log")
+    try:
+        notifications_until(notify, b"READY=1")
+        control = Control(resolve(resolver.address, "process_manager@localhost/control"),
+                          "process_manager@localhost/control")
+        refused = control.start("/bin/true")
+        control.close()
+        assert refused["success"] is False and "no allowed directory" in refused["error_message"]
+        assert "--allowed-directory" in process.log()
+        assert process.terminate() == 0
+        notifications_until(notify, b"STOPPING=1", timeout=1)
+        graph = resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]
+        assert "process_manager@localhost" not in [node["node_name"] for node in graph["nodes"]]
+    finally:
+        process.kill()
+        notify.close()
+
+
+def test_daemon_refused_under_systemd(empty_config, tmp_path):
+    import subprocess
+    env = pm_environment({}, INVOCATION_ID="0123456789abcdef0123456789abcdef")
+    done = subprocess.run(serve_argv(python_executable(), empty_config, "--daemon"), env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--daemon refused" in done.stderr
