@@ -80,7 +80,7 @@ def test_deferred_replies_do_not_block_other_clients(b0_env, resolver):
     def slow_or_fast(request):
         if request.payload == b"slow":
             held.append(request)
-            request.server.owner.loop.call_later(0.5, lambda: request.reply(b"late"))
+            request.server.owner.loop.call_later(2.0, lambda: request.reply(b"late"))
         else:
             request.reply(b"fast")
 
@@ -93,9 +93,8 @@ def test_deferred_replies_do_not_block_other_clients(b0_env, resolver):
             thread = threading.Thread(target=lambda: results.update(slow=slow.call(b"slow", "", 5)))
             thread.start()
             assert wait_for(lambda: held)
-            started = time.monotonic()
             assert fast.call(b"quick", "", 5).payload == b"fast"
-            assert time.monotonic() - started < 0.3
+            assert "slow" not in results  # answered while the first request still waits
             thread.join(5)
             assert results["slow"].payload == b"late"
 
@@ -152,6 +151,23 @@ def test_handler_errors_become_error_replies(b0_env, resolver):
             assert reply.payload == b'{"success":false,"error_message":"\'pid\' must be an integer"}'
             reply = jsoncodec.loads(svc.call(b"other", "", 5).payload)
             assert reply == {"success": False, "error_message": "internal error: ZeroDivisionError: oops"}
+
+
+def test_an_unencodable_reply_still_answers_the_client(b0_env, resolver):
+    def handler(request):
+        if request.payload == b"now":
+            request.reply("a str, not bytes")
+        else:  # deferred: the bug surfaces in a timer, the client must still get its answer
+            request.server.owner.loop.call_later(0.01, lambda: request.reply(b"x", "bad\ntype"))
+
+    with NodeThread("server", lambda n: n.service_server("svc", handler)):
+        with Node("client") as client:
+            svc = client.service_client("svc")
+            client.start()
+            for payload in (b"now", b"later"):
+                reply = jsoncodec.loads(svc.call(payload, "", 5).payload)
+                assert reply["success"] is False
+                assert reply["error_message"].startswith("internal error: unencodable reply")
 
 
 def test_reply_with_a_wrong_header0_raises_and_the_client_stays_usable(b0_env, resolver):

@@ -85,9 +85,15 @@ class Request:
     def reply(self, payload: bytes, content_type: str | None = None) -> None:
         if self.replied:
             raise RuntimeError(f"request to '{self.server.name}' was already answered")
-        self.replied = True
         ctype = self.server.response_type if content_type is None else content_type
-        self.server.send_reply(self._route, payload, ctype)
+        try:
+            frame = envelope.encode(self.server.name, payload, ctype)
+        except (TypeError, ValueError) as exc:
+            # The client still gets exactly one reply; the bug surfaces to the caller.
+            self.error(f"internal error: unencodable reply: {exc}")
+            raise
+        self.replied = True
+        self.server.send_frame(self._route, frame)
 
     def error(self, message: str) -> None:
         """Answer with the server's error reply (default JSON success:false)."""
@@ -142,10 +148,13 @@ class ServiceServer:
             self._sock = None
 
     def send_reply(self, route: list[bytes], payload: bytes, content_type: str) -> None:
+        self.send_frame(route, envelope.encode(self.name, payload, content_type))
+
+    def send_frame(self, route: list[bytes], frame: bytes) -> None:
         if self._sock is None:
             self.owner.log.warning("reply on closed service '%s' dropped", self.name)
             return
-        self._sock.send_multipart(route + [envelope.encode(self.name, payload, content_type)])
+        self._sock.send_multipart(route + [frame])
 
     def _on_readable(self) -> None:
         sock = self._sock
