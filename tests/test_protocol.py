@@ -1,8 +1,8 @@
 """The PM protocol layer: requests in, replies out, byte for byte (spec 7.2, 7.3, Appendix F).
 
 TableBackend below only holds records so that dispatch and reply shaping
-can be checked with exact pids; process behaviour is tested with the real
-backends in their own test files.
+can be checked with exact pids; the last section drives real processes
+through the real LocalBackend.
 """
 
 import json
@@ -487,7 +487,7 @@ def test_any_bytes_get_a_valid_reply(processor, payload, content_type):
     _check_reply(processor, payload, content_type)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(request=requests | json_values)
 def test_any_json_gets_a_valid_reply(processor, backend, request):
     backend.next_pids = [4242]  # a start may succeed once per example
@@ -495,7 +495,7 @@ def test_any_json_gets_a_valid_reply(processor, backend, request):
     _check_reply(processor, json.dumps(request).encode())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(request=requests | json_values)
 def test_any_json_gives_the_hub_a_request_or_a_message_error(request):
     try:
@@ -504,3 +504,83 @@ def test_any_json_gives_the_hub_a_request_or_a_message_error(request):
         assert str(exc)
         return
     assert isinstance(json.loads(parsed.pm_payload()), dict)
+
+
+# --- with the real local backend: what a client sees of real processes --------------
+
+@pytest.fixture
+def local(tmp_path):
+    from b0_pm.backends.local import LocalBackend
+    programs = tmp_path / "programs"
+    programs.mkdir()
+    for name, body in (("sleeper", "exec sleep 30"), ("exit3", "exit 3"),
+                       ("env", 'printf %s "$GREETING" > "$1"')):
+        script = programs / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    (programs / "broken").write_text("#!/nonexistent/interpreter\n")
+    (programs / "broken").chmod(0o755)
+    backend = LocalBackend(output="null", stop_ladder=((signal.SIGINT, 0.5), (signal.SIGKILL, 0.0)))
+    processor = protocol.RequestProcessor(backend, StartPolicy([str(programs)]), NODE)
+    yield processor, backend, programs
+    backend.close(stop_all=True)
+
+
+def ask(processor, request) -> dict:
+    return json.loads(call(processor, request))
+
+
+def wait_for_exit(backend, pid, timeout_s=10.0):
+    import select
+    import time
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        select.select([backend.fileno()], [], [], 0.2)
+        backend.tick(time.monotonic())
+        if any(record.pid == pid for record in backend.process_events()):
+            return
+    raise AssertionError(f"pid {pid} did not exit within {timeout_s} s")
+
+
+def test_local_start_query_stop_and_exit_status(local):
+    processor, backend, programs = local
+    pid = ask(processor, {"start_process": {"path": f"{programs}/sleeper", "args": []}})["start_process"]["pid"]
+    assert ask(processor, {"query_process_status": {"pid": pid}}) == {
+        "query_process_status": {"success": True, "running": True}}
+    assert ask(processor, {"list_active_processes": {}}) == {"list_active_processes": {"pids": [pid]}}
+    assert ask(processor, {"stop_process": {"pid": pid}}) == {"stop_process": {"success": True}}
+    wait_for_exit(backend, pid)
+    assert call(processor, {"query_process_status": {"pid": pid}}) == (
+        b'{"query_process_status":{"success":true,"running":false,"exit_code":-2,'
+        b'"signal":2,"signal_name":"SIGINT"}}')
+    assert ask(processor, {"stop_process": {"pid": pid}}) == {"stop_process": {"success": True}}
+    assert ask(processor, {"list_active_processes": {}}) == {"list_active_processes": {"pids": []}}
+
+
+def test_local_exit_code_and_environment_reach_the_client(local, tmp_path):
+    processor, backend, programs = local
+    pid = ask(processor, {"start_process": {"path": f"{programs}/exit3", "args": []}})["start_process"]["pid"]
+    wait_for_exit(backend, pid)
+    assert call(processor, {"query_process_status": {"pid": pid}}) == (
+        b'{"query_process_status":{"success":true,"running":false,"exit_code":3}}')
+    out = tmp_path / "greeting"
+    request = {"start_process": {"path": f"{programs}/env", "args": [str(out)],
+                                 "environment": {"GREETING": "hello robot"}}}
+    pid = ask(processor, request)["start_process"]["pid"]
+    wait_for_exit(backend, pid)
+    assert out.read_text() == "hello robot"
+
+
+def test_local_exec_failure_is_a_reply_not_a_crash(local):
+    processor, backend, programs = local
+    reply = ask(processor, {"start_process": {"path": f"{programs}/broken", "args": []}})
+    assert reply["start_process"]["success"] is False
+    assert reply["start_process"]["error_message"].startswith(f"cannot execute {programs}/broken")
+    assert backend.running_pids() == []
+
+
+def test_local_get_log_is_refused_clearly(local):
+    processor, backend, programs = local
+    pid = ask(processor, {"start_process": {"path": f"{programs}/sleeper", "args": []}})["start_process"]["pid"]
+    assert ask(processor, {"get_log": {"pid": pid}})["get_log"]["error_message"].startswith(
+        "logs are not available on the local backend")
