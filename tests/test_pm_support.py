@@ -21,6 +21,29 @@ REQUEST_TYPE = "b0::process_manager::Request"
 RESPONSE_TYPE = "b0::process_manager::Response"
 STARTUP_TIMEOUT_S = 20.0
 
+# Appendix F: each of these made the original PM abort without a reply.
+CRASH_REQUESTS = [
+    ("unparsable JSON", b'{"start_process":', REQUEST_TYPE),
+    ("start without args", b'{"start_process":{"path":"/bin/true"}}', REQUEST_TYPE),
+    ("no pid", b'{"stop_process":{}}', REQUEST_TYPE),
+    ("pid as a string", b'{"query_process_status":{"pid":"1"}}', REQUEST_TYPE),
+    ("wrong content type", b'{"list_active_processes":{}}', "b0.message.resolv.Request"),
+    ("no content type", b'{"list_active_processes":{}}', None),
+    ("not an object", b'[1,2]', REQUEST_TYPE),
+    ("not UTF-8", b'{"start_process":{"path":"\xff","args":[]}}', REQUEST_TYPE),
+    ("deep nesting", b'{"a":' * 200 + b'1' + b'}' * 200, REQUEST_TYPE),
+]
+
+
+def assert_error_reply(control: "Control", payload: bytes, content_type: str | None) -> None:
+    """The request gets a Response that is {} or says success:false, and the PM goes on serving."""
+    reply_type, reply = control.call_raw(payload, content_type)
+    assert reply_type == RESPONSE_TYPE
+    decoded = jsoncodec.loads(reply)
+    assert decoded == {} or b'"success":false' in reply, decoded
+    assert b"true" not in reply, decoded
+    assert isinstance(control.pids(), list)
+
 
 def resolve(resolver_address: str, service: str, timeout: float = STARTUP_TIMEOUT_S) -> str:
     """The service's address, polling the resolver until it is registered."""

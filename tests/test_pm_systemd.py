@@ -1,0 +1,250 @@
+"""The process manager on the systemd backend, under a real systemd (the sandbox).
+
+The PM itself runs inside the container as a Type=notify transient service
+(systemd-run), with a watchdog and Restart=on-failure like b0-pm@.service;
+the resolver and the test's sockets are on the host (loopback is shared).
+Pids in replies are the container's. One PM serves the whole module."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.fixtures_b0 import REPO_ROOT, resolver_request, start_resolver
+from tests.test_pm_support import (CRASH_REQUESTS, Control, TopicListener, assert_error_reply,
+                                   write_test_programs)
+
+pytestmark = pytest.mark.systemd
+
+HOST_ID = "127.0.0.1"
+NODE_NAME = f"process_manager@{HOST_ID}"
+PM_UNIT = "b0pm-test-pm.service"
+PROGRAM_UNITS = "b0pm-127.0.0.1-*"
+WORKDIR = "/var/lib/b0pm-test"      # inside the container (not /tmp: the container mounts its own)
+LADDER_STEP_S = 0.3
+VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
+
+
+class SandboxPM:
+    """The PM service in the sandbox and a control client that follows it across restarts."""
+
+    def __init__(self, sandbox, resolver):
+        self.sandbox = sandbox
+        self.resolver = resolver
+        self.control = None
+        host_dir = sandbox.root / WORKDIR.lstrip("/")
+        (host_dir / "bin").mkdir(parents=True, exist_ok=True)
+        (host_dir / "out").mkdir(exist_ok=True)
+        (host_dir / "empty.toml").write_text("")
+        self.host_out = host_dir / "out"
+        self.programs = {name: os.path.join(WORKDIR, "bin", os.path.basename(path))
+                         for name, path in write_test_programs(str(host_dir / "bin")).items()}
+
+    def start_service(self) -> None:
+        environment = {"B0_RESOLVER": self.resolver.address, "B0_HOST_ID": HOST_ID,
+                       "B0PM_BIND_HOST": "127.0.0.1"}
+        argv = ["systemd-run", f"--unit={PM_UNIT}", "--property=Type=notify", "--property=NotifyAccess=main",
+                "--property=WatchdogSec=3", "--property=Restart=on-failure", "--property=RestartSec=0.2",
+                *(f"--setenv={name}={value}" for name, value in environment.items()),
+                VENV_PYTHON, "-m", "b0_pm", "serve", "--config", f"{WORKDIR}/empty.toml",
+                "--backend", "systemd", "--host-id", HOST_ID,
+                "--allowed-directory", f"{WORKDIR}/bin",
+                "--stop-signal-grace-seconds", str(LADDER_STEP_S), "--term-grace-seconds", str(LADDER_STEP_S)]
+        result = self.sandbox.exec(argv, check=False, timeout=60)
+        # Type=notify: systemd-run returns once the start job is done, i.e. after READY=1
+        assert result.returncode == 0, result.stderr + self.journal(PM_UNIT)
+        self.connect(NODE_NAME)
+
+    def connect(self, node_name: str) -> None:
+        from tests.test_pm_support import resolve
+        service = f"{node_name}/control"
+        if self.control is not None:
+            self.control.close()
+        self.control = Control(resolve(self.resolver.address, service), service)
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        result = self.sandbox.exec(["systemctl", "show", unit, *(f"--property={p}" for p in properties)])
+        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+    def unit_of(self, pid: int) -> str:
+        return self.sandbox.exec(["ps", "-o", "unit=", "-p", str(pid)]).stdout.strip()
+
+    def journal(self, unit: str, *options: str) -> str:
+        return self.sandbox.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit, *options],
+                                 check=False).stdout
+
+    def alive(self, pid: int) -> bool:
+        return self.sandbox.exec(["test", "-d", f"/proc/{pid}"], check=False).returncode == 0
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        for argv in (["systemctl", "kill", "--signal=SIGKILL", PM_UNIT, PROGRAM_UNITS],
+                     ["systemctl", "stop", PM_UNIT, PROGRAM_UNITS],
+                     ["systemctl", "reset-failed", PM_UNIT, PROGRAM_UNITS]):
+            self.sandbox.exec(argv, check=False)
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    resolver = start_resolver()
+    yield resolver
+    resolver.stop()
+
+
+@pytest.fixture(scope="module")
+def sandbox_pm(systemd_sandbox, resolver):
+    pm = SandboxPM(systemd_sandbox, resolver)
+    try:
+        pm.start_service()
+        yield pm
+    finally:
+        print(pm.journal(PM_UNIT))
+        pm.close()
+
+
+@pytest.fixture(scope="module")
+def listener(sandbox_pm, resolver):
+    with TopicListener(resolver.address) as topics:
+        topics.next("process_manager/beacon")  # the subscription is live
+        yield topics
+
+
+def test_ready_makes_the_notify_unit_active_with_status(sandbox_pm):
+    shown = sandbox_pm.show(PM_UNIT, "ActiveState", "SubState", "Type", "StatusText", "WatchdogUSec")
+    assert shown["ActiveState"] == "active" and shown["SubState"] == "running"
+    assert shown["Type"] == "notify" and shown["WatchdogUSec"] == "3s"
+    assert shown["StatusText"].endswith("processes running")
+
+
+def test_beacon_and_start_stop_through_a_transient_unit(sandbox_pm, listener):
+    control = sandbox_pm.control
+    _, beacon = listener.next("process_manager/beacon")
+    assert beacon == {"host_name": HOST_ID, "node_name": NODE_NAME, "service_name": f"{NODE_NAME}/control"}
+
+    pid = control.start_pid(sandbox_pm.programs["sleeper"], "a b", "--x")
+    unit = sandbox_pm.unit_of(pid)
+    assert unit.startswith("b0pm-127.0.0.1-") and unit.endswith(".service")
+    shown = sandbox_pm.show(unit, "MainPID", "ActiveState", "SubState", "Type", "KillMode", "Slice",
+                            "Environment", "RemainAfterExit")
+    assert int(shown["MainPID"]) == pid
+    assert (shown["ActiveState"], shown["SubState"], shown["Type"]) == ("active", "running", "exec")
+    assert shown["KillMode"] == "control-group" and shown["Slice"] == "b0pm-127.0.0.1.slice"
+    assert f"B0_RESOLVER={sandbox_pm.resolver.address}" in shown["Environment"]
+    assert f"B0_HOST_ID={HOST_ID}" in shown["Environment"]
+    assert "1 process running" in sandbox_pm.show(PM_UNIT, "StatusText")["StatusText"]
+
+    assert pid in control.pids()
+    assert control.query(pid) == {"success": True, "running": True}
+    _, started = listener.next("process_manager/events", lambda m: m["pid"] == pid)
+    assert started["event"] == "started" and started["args"] == ["a b", "--x"]
+
+    assert control.stop(pid) == {"success": True}
+    assert control.wait_exit(pid)["exit_code"] == -2
+    assert pid not in control.pids()
+    _, exited = listener.next("process_manager/events", lambda m: m["pid"] == pid and m["event"] == "exited")
+    assert exited["exit_code"] == -2 and exited["signal_name"] == "SIGINT" and exited["stop_requested"]
+
+
+@pytest.mark.parametrize("program, expected", [
+    ("exit0", {"exit_code": 0}),
+    ("exit3", {"exit_code": 3}),
+    ("kill_self", {"exit_code": -15, "signal": 15, "signal_name": "SIGTERM"}),
+])
+def test_exit_codes(sandbox_pm, program, expected):
+    pid = sandbox_pm.control.start_pid(sandbox_pm.programs[program])
+    assert sandbox_pm.control.wait_exit(pid) == {"success": True, "running": False, **expected}
+
+
+def test_exec_failure_is_an_error_reply(sandbox_pm):
+    for path in (sandbox_pm.programs["not_executable"], f"{WORKDIR}/bin/missing"):
+        reply = sandbox_pm.control.start(path)
+        assert reply["success"] is False and "pid" not in reply and reply["error_message"], reply
+
+
+def test_a_child_ignoring_int_and_term_is_killed(sandbox_pm):
+    control = sandbox_pm.control
+    pid = control.start_pid(sandbox_pm.programs["stubborn"])
+    time.sleep(0.2)  # let the shell install its traps
+    control.stop(pid)
+    status = control.wait_exit(pid, timeout=10)
+    assert status["exit_code"] == -9 and status["signal_name"] == "SIGKILL"
+
+
+def test_grandchildren_are_gone_after_a_stop(sandbox_pm):
+    control = sandbox_pm.control
+    pid = control.start_pid(sandbox_pm.programs["tree"], f"{WORKDIR}/out/grandchild.pid")
+    pid_file = sandbox_pm.host_out / "grandchild.pid"
+    deadline = time.monotonic() + 5
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    grandchild = int(pid_file.read_text())
+    assert sandbox_pm.alive(grandchild)
+    control.stop(pid)
+    control.wait_exit(pid)
+    deadline = time.monotonic() + 2 * LADDER_STEP_S + 3
+    while sandbox_pm.alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sandbox_pm.alive(grandchild)
+
+
+def test_the_journal_has_a_childs_output(sandbox_pm):
+    control = sandbox_pm.control
+    pid = control.start_pid(sandbox_pm.programs["talker"], "the sandbox")
+    unit = sandbox_pm.unit_of(pid)
+    deadline = time.monotonic() + 5
+    while "hello from the sandbox" not in sandbox_pm.journal(unit) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "hello from the sandbox" in sandbox_pm.journal(unit)
+    reply = control.call({"get_log": {"pid": pid, "lines": 10}})["get_log"]
+    assert reply["success"] is True and "hello from the sandbox" in reply["lines"]
+    control.stop(pid)
+    control.wait_exit(pid)
+
+
+@pytest.mark.parametrize("what, payload, content_type", CRASH_REQUESTS, ids=[r[0] for r in CRASH_REQUESTS])
+def test_crash_requests_get_an_error_reply(sandbox_pm, what, payload, content_type):
+    assert_error_reply(sandbox_pm.control, payload, content_type)
+
+
+def test_kill_9_then_restart_adopts_running_processes_and_exit_records(sandbox_pm, listener):
+    control = sandbox_pm.control
+    running = control.start_pid(sandbox_pm.programs["sleeper"])
+    ended = control.start_pid(sandbox_pm.programs["exit3"])
+    control.wait_exit(ended)
+    old_pid = int(sandbox_pm.show(PM_UNIT, "MainPID")["MainPID"])
+    sandbox_pm.sandbox.exec(["systemctl", "kill", "--signal=SIGKILL", PM_UNIT])
+    # Restart=on-failure brings it back; the resolver still holds the old name for 30 s, so the
+    # new PM is process_manager@HOST-1 (spec 7.5), and its beacon says so
+    _, beacon = listener.next("process_manager/beacon", lambda m: m["node_name"] != NODE_NAME, timeout=20)
+    assert beacon["node_name"] == f"{NODE_NAME}-1" and beacon["host_name"] == HOST_ID
+    assert int(sandbox_pm.show(PM_UNIT, "MainPID")["MainPID"]) != old_pid
+    sandbox_pm.connect(beacon["node_name"])
+    control = sandbox_pm.control
+    assert running in control.pids()
+    assert control.query(running) == {"success": True, "running": True}
+    assert control.query(ended) == {"success": True, "running": False, "exit_code": 3}
+    control.stop(running)
+    assert control.wait_exit(running)["exit_code"] == -2
+
+
+def test_journal_priorities_filter_the_pm_log(sandbox_pm):
+    sandbox_pm.control.start("/bin/true")  # refused: a warning
+    time.sleep(0.3)
+    warnings = sandbox_pm.journal(PM_UNIT, "-p", "warning")
+    everything = sandbox_pm.journal(PM_UNIT)
+    assert "Failed to launch /bin/true" in warnings
+    assert "ready on service" in everything and "ready on service" not in warnings
+
+
+def test_systemctl_stop_ends_the_pm_cleanly_and_leaves_programs_running(sandbox_pm, resolver):
+    pid = sandbox_pm.control.start_pid(sandbox_pm.programs["sleeper"])
+    unit = sandbox_pm.unit_of(pid)
+    sandbox_pm.sandbox.exec(["systemctl", "stop", PM_UNIT])
+    shown = sandbox_pm.show(PM_UNIT, "ActiveState", "Result")
+    # a clean exit on SIGTERM, and the watchdog never fired
+    assert (shown["ActiveState"], shown["Result"]) == ("inactive", "success"), shown
+    assert sandbox_pm.show(unit, "SubState")["SubState"] == "running"
+    graph = resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]
+    assert f"{NODE_NAME}-1" not in [node["node_name"] for node in graph["nodes"]], "no shutdown_node"
