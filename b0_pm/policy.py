@@ -17,6 +17,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from b0_pm.config import DEFAULT_CONFIG_FILE
+
 ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Variables that make an allowed program load or run code the client chooses.
@@ -110,7 +112,7 @@ class StartPolicy:
         pm = config.pm
         return cls(pm.allowed_directories, user=pm.user, group=pm.group,
                    allowed_users=pm.allowed_users, base_environment=base_environment,
-                   config_source=config.source or "the configuration file", log=log)
+                   config_source=config.source or DEFAULT_CONFIG_FILE, log=log)
 
     def check_start(self, path: str, *, user: str | None = None,
                     environment: dict[str, str] | None = None) -> StartDecision:

@@ -175,3 +175,10 @@ def test_from_config_uses_the_pm_section(tree):
     policy = StartPolicy.from_config(config, {"B0_HOST_ID": "h"})
     decision = policy.check_start(f"{tree}/bin/node")
     assert decision.allowed and decision.user == "u" and decision.environment == {"B0_HOST_ID": "h"}
+
+
+def test_without_a_file_the_hint_names_the_default_file():
+    from b0_pm.config import Config
+    assert StartPolicy.from_config(Config()).check_start("/opt/b0/bin/node").reason == (
+        "permission denied: no allowed directory is configured"
+        " (set allowed_directories under [pm] in /etc/b0-pm/b0-pm.toml)")

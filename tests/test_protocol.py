@@ -6,7 +6,6 @@ through the real LocalBackend.
 """
 
 import json
-import os
 import shutil
 import signal
 

@@ -1,6 +1,5 @@
 """The JSON Schemas: valid, self-contained, and saying what spec 7.2 says."""
 
-import json
 from importlib import resources
 
 import pytest
