@@ -1,0 +1,106 @@
+"""b0-pm logs against a PM on the systemd backend, whose programs log to the journal.
+
+The PM runs inside the throw-away systemd container (tests/fixtures_sandbox.py),
+which shares the host's network namespace, so the resolver and the b0-pm
+commands run on the host, as a user's would.
+"""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.fixtures_b0 import REPO_ROOT, start_resolver
+from tests.test_cli_client import B0PM, run, wait_for
+
+pytestmark = pytest.mark.systemd
+
+SHELL = "/usr/bin/sh"  # inside the allowed /usr/bin; the PM runs it as a transient unit
+
+
+@pytest.fixture(scope="module")
+def journal_pm(systemd_sandbox):
+    """A resolver on the host and a systemd-backend PM in the container; yields the clients' env."""
+    resolver = start_resolver()
+    try:
+        env = resolver.env
+        inside = {key: env[key] for key in ("B0_RESOLVER", "B0_HOST_ID", "B0PM_BIND_HOST", "PYTHONPATH")}
+        pm = systemd_sandbox.popen(
+            [*B0PM, "serve", "--config", "/dev/null", "--backend", "systemd", "--allow", "/usr/bin",
+             "--stop-signal-grace-seconds", "1", "--term-grace-seconds", "1"],
+            env=inside, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: run(env, "list", "--timeout", "1").returncode == 0, "the PM did not answer")
+        yield env
+        systemd_sandbox.signal_daemon(pm, signal.SIGTERM)
+        pm.wait(10)
+    finally:
+        resolver.stop()
+
+
+def start_shell(env, script):
+    # The pause lets systemd's own "Started <unit>" line come before the program's output.
+    done = run(env, "start", SHELL, "-c", "sleep 0.5; " + script)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_logs_prints_the_last_lines(journal_pm):
+    pid = start_shell(journal_pm, "for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2; exec sleep 600")
+    try:
+        wait_for(lambda: "oops" in run(journal_pm, "logs", str(pid)).stdout, "the lines did not reach the journal")
+        done = run(journal_pm, "logs", str(pid))
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.endswith("\nline 1\nline 2\nline 3\nline 4\nline 5\noops\n")
+        done = run(journal_pm, "logs", "-n", "2", str(pid))
+        assert (done.returncode, done.stdout) == (0, "line 5\noops\n")
+        done = run(journal_pm, "logs", "-n", "1", "--json", str(pid))
+        assert (done.returncode, done.stdout) == (0, '{"get_log":{"success":true,"lines":["oops"]}}\n')
+    finally:
+        run(journal_pm, "stop", str(pid))
+
+
+def follow(env, pid, count, timeout=20):
+    """Run logs -f until it has printed count lines, then Ctrl-C it; returns (lines, exit status)."""
+    wait_for(lambda: run(env, "logs", "-n", "1", str(pid)).stdout.startswith(("n ", "tick")),
+             "the program's first line did not reach the journal")
+    process = subprocess.Popen([*B0PM, "logs", "-f", "-n", "1", str(pid)], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = []
+        deadline = time.monotonic() + timeout
+        while len(lines) < count and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        process.send_signal(signal.SIGINT)
+        process.wait(10)
+        return lines, process.returncode
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_logs_follow_prints_each_new_line_once(journal_pm):
+    pid = start_shell(journal_pm, "i=0; while :; do i=$((i+1)); echo n $i; sleep 0.1; done")
+    try:
+        lines, status = follow(journal_pm, pid, 30)
+        assert status == 0
+        numbers = [int(line.split()[1]) for line in lines]
+        assert len(numbers) == 30
+        assert numbers == list(range(numbers[0], numbers[0] + 30))
+    finally:
+        run(journal_pm, "stop", str(pid))
+
+
+def test_logs_follow_keeps_identical_lines(journal_pm):
+    # A program that repeats itself must not look silent: every "tick" is a new line.
+    pid = start_shell(journal_pm, "while :; do echo tick; sleep 0.1; done")
+    try:
+        lines, status = follow(journal_pm, pid, 20)
+        assert status == 0
+        assert lines == ["tick"] * 20
+    finally:
+        run(journal_pm, "stop", str(pid))
