@@ -21,7 +21,7 @@ DEFAULT_MAX_SIZE = 1024 * 1024
 
 ALGORITHMS = ("zlib", "lz4")
 
-_DECIMAL = re.compile(rb"[0-9]+\Z")
+_LEVEL = re.compile(r"-?[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,18 @@ def decode(frame: bytes, *, max_size: int | None = None) -> Envelope:
     end = frame.find(b"\n\n")
     if end < 0:
         raise EnvelopeDecodeError("no blank line ends the header block")
-    lines = frame[:end].split(b"\n")
+    try:
+        lines = frame[:end].decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise EnvelopeDecodeError(f"header block is not valid UTF-8 (byte offset {exc.start})") from exc
     body = memoryview(frame)[end + 2:]
-    header0 = _text(lines[0], "header0")
+    header0 = lines[0]
     headers: dict[str, str] = {}
     for number, line in enumerate(lines[1:], start=2):
-        key, sep, value = line.partition(b": ")
+        key, sep, value = line.partition(": ")
         if not sep:
             raise EnvelopeDecodeError(f"header line {number} has no ': ' separator: {line[:60]!r}")
-        headers[_text(key, "header key")] = _text(value, "header value")
+        headers[key] = value
     count = _number(headers, "Part-count")
     if count == 0:
         raise EnvelopeDecodeError("Part-count is 0: an envelope holds at least one part")
@@ -117,7 +120,7 @@ def decode(frame: bytes, *, max_size: int | None = None) -> Envelope:
         content_type = headers.pop(f"Content-type-{i}", "")
         algorithm = headers.pop(f"Compression-algorithm-{i}", "")
         level_text = headers.pop(f"Compression-level-{i}", "")
-        level = int(level_text) if re.fullmatch(r"-?[0-9]+", level_text) else -1
+        level = int(level_text) if _LEVEL.fullmatch(level_text) else -1
         if algorithm:
             size = _number(headers, f"Uncompressed-content-length-{i}")
             if size > limit:
@@ -137,18 +140,11 @@ def _check_header_text(what: str, text: str) -> None:
         raise ValueError(f"{what} must not contain a newline: {text!r}")
 
 
-def _text(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EnvelopeDecodeError(f"{what} is not valid UTF-8: {raw[:60]!r}") from exc
-
-
 def _number(headers: dict[str, str], key: str) -> int:
     text = headers.pop(key, None)
     if text is None:
         raise EnvelopeDecodeError(f"required header {key} is missing")
-    if not _DECIMAL.match(text.encode()):
+    if not (text.isascii() and text.isdigit()):
         raise EnvelopeDecodeError(f"header {key} is not a decimal number: {text[:40]!r}")
     if len(text) > 18:
         raise EnvelopeDecodeError(f"header {key} is absurdly large: {text[:40]!r}")

@@ -61,6 +61,9 @@ def _recv_batch(sock: zmq.Socket):
             yield sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
+        # Asking ZMQ_EVENTS is cheaper than provoking another zmq.Again.
+        if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
 
 
 class Request:
