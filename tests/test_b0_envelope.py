@@ -264,3 +264,26 @@ def test_wire_dump_envelopes_decode_and_re_encode_byte_for_byte(frame):
     # The JSON too: codec key order survives a loads/dumps round trip
     # (b0_service_call sent stdin verbatim, so a trailing newline is payload).
     assert jsoncodec.dumps(jsoncodec.loads(env.payload)) == env.payload.rstrip(b"\n")
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.binary(max_size=300))
+def test_decode_of_random_bytes_raises_only_message_errors(data):
+    try:
+        envelope.decode(data)
+    except MessageError:
+        pass
+
+
+@given(st.data())
+def test_decode_of_mutated_valid_frames_raises_only_message_errors(data):
+    frame = bytearray(data.draw(st.sampled_from(WIRE_DUMP_FRAMES)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, len(frame) - 1))
+        frame[position] = data.draw(st.sampled_from(b"\n:0 9-\xff\x00a"))
+    try:
+        envelope.decode(bytes(frame))
+    except MessageError:
+        pass

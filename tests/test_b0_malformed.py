@@ -237,3 +237,38 @@ def test_service_server_answers_bad_input_and_keeps_going(pid_service, case):
     body = jsoncodec.loads(envelope.decode(reply[0]).payload)
     assert list(body) == ["success", "error_message"] and body["success"] is False
     assert_service_still_answers(pid_service)
+
+
+def mutated_frames(count: int, seed: int):
+    import random
+    rng = random.Random(seed)
+    base = [frame("resolv", jsoncodec.dumps(body), RESOLV_REQUEST) for body in (
+        {"announce_node": {"host_id": "h", "process_id": 1, "node_name": "fuzz"}},
+        {"resolve_service": {"service_name": "resolv"}},
+        {"node_topic": {"node_name": "fuzz", "topic_name": "t", "reverse": False, "active": True}},
+        {"get_graph": {}},
+    )]
+    for _ in range(count):
+        data = bytearray(rng.choice(base))
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.choice(b'\n:0 9-{}[]"\\\xff\x00a')
+        yield bytes(data)
+
+
+def fuzz_resolver(resolver, count: int, seed: int):
+    for i, data in enumerate(mutated_frames(count, seed)):
+        reply = req_exchange(resolver.address, data, timeout=5)
+        assert reply is not None and len(reply) == 1, f"frame {i} of seed {seed} got no reply: {data!r}"
+        env = envelope.decode(reply[0])
+        assert (env.header0, env.content_type) == ("resolv", "b0.message.resolv.Response")
+        assert isinstance(jsoncodec.loads(env.payload), dict)
+    assert_resolver_still_answers(resolver, resolver.address)
+
+
+def test_resolver_fuzz_short(shared_resolver):
+    fuzz_resolver(shared_resolver, 300, seed=1)
+
+
+@pytest.mark.long
+def test_resolver_fuzz_long(shared_resolver):
+    fuzz_resolver(shared_resolver, 20000, seed=2)

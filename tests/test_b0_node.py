@@ -373,3 +373,23 @@ def test_resolver_restart_recovery(resolver_factory, monkeypatch):
             assert wait_for(lambda: received or news.publish(b"fresh"), timeout=5)
         g = graph(resolver)
         assert {"node_name": "phoenix", "other_name": "news", "reversed": True} in g["node_topic"]
+
+
+def test_console_log_format_and_level(resolver):
+    import re
+    import subprocess
+    import sys
+    from tests.fixtures_b0 import REPO_ROOT
+    code = ("from b0_pm.b0.node import Node\n"
+            "node = Node('talker')\n"
+            "node.log.info('quiet line')\n"
+            "node.log.warning('loud %s', 'line')\n"
+            "node.shutdown()\n")
+    env = dict(resolver.env, B0_CONSOLE_LOGLEVEL="warn")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=20, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[talker\] warn: loud line\n", result.stderr)
+    bad = subprocess.run([sys.executable, "-m", "b0_pm", "call", "x"], env=dict(env, B0_CONSOLE_LOGLEVEL="loud"),
+                         capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+    assert bad.returncode == 2 and "invalid log level 'loud'" in bad.stderr
