@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from b0_pm import protocol
+from b0_pm.b0 import jsoncodec
 from b0_pm.b0.errors import MessageError
 from b0_pm.b0.node import ResolverError
 
@@ -43,9 +44,11 @@ HUB_NODE_NAME = "process_manager_hub"
 HUB_SERVICE = "process_manager_hub/control"
 BEACON_TOPIC = "process_manager/beacon"
 ACTIVE_NODES_TOPIC = "process_manager_hub/active_nodes"
+GRAPH_TOPIC = "graph"
+GRAPH_TYPE = "b0.message.graph.Graph"
 UNKNOWN_HOST = "unknown host"  # the original's exact text
 # A PM silent this long is taken to be gone when another PM beacons for its host (the original's liveness window).
-FOLLOW_SILENCE_S = 1.0
+SILENCE_S = 1.0
 WARNED_LIMIT = 1000
 
 
@@ -76,6 +79,7 @@ class HostEntry:
     client: object
     last_beacon: float            # monotonic, for expiry
     last_active: int              # µs since the epoch, published
+    process_id: int | None = None  # the PM's, from the resolver's graph
     in_flight: Forward | None = None
     queue: deque = field(default_factory=deque)
 
@@ -124,6 +128,7 @@ class HubNode:
                             error_reply=lambda message: (protocol.hub_error_reply(f"bad request: {message}"),
                                                          protocol.RESPONSE_TYPE))
         node.subscriber(BEACON_TOPIC, self.handle_beacon)
+        node.subscriber(GRAPH_TOPIC, self.handle_graph, content_type=GRAPH_TYPE)
         self._active_nodes = node.publisher(ACTIVE_NODES_TOPIC)
 
     # -- lifecycle ------------------------------------------------------------
@@ -158,6 +163,9 @@ class HubNode:
         except MessageError as exc:
             self._warn_once(f"beacon dropped: {exc}")
             return
+        if beacon.host_name == protocol.BROADCAST_HOST:
+            self._warn_once(f"beacon from {beacon.node_name} ignored: host name \"*\" means every host here")
+            return
         now = time.monotonic()
         entry = self.hosts.get(beacon.host_name)
         if entry is None:
@@ -166,14 +174,17 @@ class HubNode:
                 self.hosts[beacon.host_name] = HostEntry(beacon.host_name, beacon.node_name,
                                                          beacon.service_name, client, now, now_usec())
                 self.log.info("added new entry: %s -> %s", beacon.host_name, beacon.service_name)
-        elif beacon.service_name == entry.service_name:
+            return
+        if beacon.service_name == entry.service_name:
             entry.last_beacon, entry.last_active, entry.node_name = now, now_usec(), beacon.node_name
-        elif now - entry.last_beacon < min(FOLLOW_SILENCE_S, self.host_expiry_s):
+        elif now - entry.last_beacon > min(SILENCE_S, self.host_expiry_s):
+            self._switch(entry, beacon.node_name, beacon.service_name,
+                         f"host {entry.host_name} moved from {entry.service_name} to {beacon.service_name}")
+            entry.last_beacon, entry.last_active = now, now_usec()
+        else:
             # Two live PMs claim one host id: keep the first rather than flap between them.
             self._warn_once(f"{entry.describe()} is still beaconing; ignoring {beacon.service_name}, "
                             f"which claims the same host")
-        else:
-            self._follow(entry, beacon, now)
 
     def _warn_once(self, message: str) -> None:
         """Beacons repeat 10 times a second: say each problem once (bounded memory)."""
@@ -193,26 +204,59 @@ class HubNode:
             self._warn_once(f"cannot reach {service} of host {host}: {exc}")
             return None
 
-    def _follow(self, entry: HostEntry, beacon, now: float) -> None:
-        client = self._client_for(entry.host_name, beacon.service_name)
-        if client is None:
+    def handle_graph(self, envelope) -> None:
+        """A PM restarted under its old name (the old one left cleanly) is a new process on a new
+        port: seen here as a new process_id for its node name, once it offers its service again."""
+        try:
+            graph = jsoncodec.loads(envelope.payload)
+            process_ids = {node["node_name"]: node["process_id"] for node in graph["nodes"]}
+            offers = {(link["node_name"], link["other_name"])
+                      for link in graph["node_service"] if link["reversed"] is False}
+        except (MessageError, TypeError, KeyError) as exc:
+            self._warn_once(f"graph message dropped: {exc!r}")
             return
-        self.log.info("host %s moved: %s -> %s", entry.host_name, entry.service_name, beacon.service_name)
+        for entry in list(self.hosts.values()):
+            process_id = process_ids.get(entry.node_name)
+            if process_id is None or (entry.node_name, entry.service_name) not in offers:
+                continue  # gone, or back but not serving yet
+            if entry.process_id is not None and process_id != entry.process_id:
+                self._switch(entry, entry.node_name, entry.service_name,
+                             f"{entry.describe()} restarted (process {entry.process_id} -> {process_id})")
+            entry.process_id = process_id
+
+    def _check_address(self, entry: HostEntry) -> None:
+        """After a timeout: a PM restarted under its old name has a new port (missed graph message)."""
+        try:
+            address = self.node.resolve_service(entry.service_name)
+        except (ResolverError, TimeoutError, MessageError) as exc:
+            self._warn_once(f"cannot resolve {entry.service_name} of host {entry.host_name}: {exc}")
+            return
+        if address != entry.client.address:
+            self._switch(entry, entry.node_name, entry.service_name,
+                         f"{entry.describe()} restarted (now at {address})")
+
+    def _switch(self, entry: HostEntry, node_name: str, service: str, what_happened: str) -> None:
+        """Point the host at a new PM client; a request in flight on the old one is answered now."""
+        self.log.info("%s", what_happened)
         if entry.in_flight is not None:
             forward, entry.in_flight = entry.in_flight, None
-            forward.done(None, f"host {entry.host_name} moved from {entry.service_name} to "
-                               f"{beacon.service_name} before answering; the request may or may not "
+            forward.done(None, f"{what_happened} before answering; the request may or may not "
                                f"have been carried out")
+        # Closed first: with an unchanged name the new client's graph edge must outlive the old one's removal.
         self._close_client(entry.client)
-        entry.client, entry.node_name, entry.service_name = client, beacon.node_name, beacon.service_name
-        entry.last_beacon, entry.last_active = now, now_usec()
+        client = self._client_for(entry.host_name, service)
+        if client is None:
+            self._drop(entry, f"host {entry.host_name}: {service} cannot be reached", close_client=False)
+            return
+        entry.client, entry.node_name, entry.service_name = client, node_name, service
+        entry.process_id = None  # known again from the next graph message
         self._dispatch(entry)
 
     def expire_silent_hosts(self) -> None:
         now = time.monotonic()
         for entry in [e for e in self.hosts.values() if now - e.last_beacon > self.host_expiry_s]:
             self.log.info("removed entry: %s (no beacon for %s)", entry.host_name,
-                     format_seconds(self.host_expiry_s))
+                          format_seconds(self.host_expiry_s))
             self._drop(entry, f"{entry.describe()} stopped beaconing and was dropped before answering")
 
     def _drop(self, entry: HostEntry, reason: str, *, close_client: bool = True) -> None:
@@ -358,6 +402,8 @@ class HubNode:
         try:
             if isinstance(result, TimeoutError):
                 forward.done(None, self._timeout_message(entry))
+                if self.hosts.get(entry.host_name) is entry:
+                    self._check_address(entry)  # restarted within a beacon period? then reconnect
             elif isinstance(result, BaseException):
                 forward.done(None, f"{entry.describe()} could not be asked: {result}")
             elif result.content_type != protocol.RESPONSE_TYPE:

@@ -436,6 +436,26 @@ def test_silent_host_expires(fresh_lab):
     lab.wait_for_hosts({BETA: pm_service(BETA, "-1")})
 
 
+def test_pm_restarted_under_the_same_name_is_followed_to_its_new_port(fresh_lab):
+    # A clean stop frees the name at the resolver: the new PM has the old name and a new port.
+    lab = fresh_lab(hosts=(ALPHA,), forward_timeout_seconds=FORWARD_TIMEOUT_S, host_expiry_seconds=30)
+    def address():
+        return resolver_request(lab.resolver.address, "resolve_service",
+                                {"service_name": pm_service(ALPHA)})["resolve_service"]["sock_addr"]
+    old_address = address()
+    process = lab.pms.pop(ALPHA)
+    process.terminate()
+    assert process.wait(10) == 0
+    lab.start_pm(ALPHA)
+    wait_until(lambda: resolver_request(lab.resolver.address, "resolve_service",
+                                        {"service_name": pm_service(ALPHA)})["resolve_service"]["ok"],
+               STARTUP_S, "the restarted PM to register")
+    assert address() != old_address
+    time.sleep(0.5)  # the graph message naming the new process reaches the HUB
+    reply = lab.call({"host_name": ALPHA, "list_active_processes": {}})
+    assert reply == {"success": True, "list_active_processes": {"pids": []}}
+
+
 # --- misbehaving PMs: real b0 nodes that answer wrongly on purpose --------------------
 
 class StandInPM:
