@@ -3,6 +3,7 @@ process, a real resolver, requests through raw REQ sockets, topics through a
 real b0 node. One PM serves the whole module (short stop ladder)."""
 
 import os
+import signal
 import socket
 import time
 
@@ -256,3 +257,29 @@ def test_daemon_refused_under_systemd(empty_config, tmp_path):
     done = subprocess.run(serve_argv(python_executable(), empty_config, "--daemon"), env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--daemon refused" in done.stderr
+
+
+def test_daemon_mode_detaches_writes_the_pidfile_and_stops_on_sigterm(resolver, empty_config, tmp_path):
+    import subprocess
+    pidfile, log_file = tmp_path / "pm.pid", tmp_path / "pm.log"
+    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost",
+                      "--daemon", "--pidfile", str(pidfile), "--log-file", str(log_file))
+    done = subprocess.run(argv, env=pm_environment(resolver.env), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon_pid = int(pidfile.read_text())
+    try:
+        resolve(resolver.address, "process_manager@localhost/control")
+        assert os.getsid(daemon_pid) != os.getsid(0), "the daemon left the session it was started in"
+        os.kill(daemon_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{daemon_pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{daemon_pid}")
+        assert not pidfile.exists(), "the pidfile is removed on exit"
+        assert "Signal 15 received: shutting down." in log_file.read_text()
+    finally:
+        if os.path.exists(f"/proc/{daemon_pid}"):
+            os.kill(daemon_pid, signal.SIGKILL)
