@@ -80,8 +80,8 @@ class HubLab:
              "--allow", str(self.bin_dir)], env, f"pm-{host}.log")
         return self.pms[host]
 
-    def start_hub(self, **settings) -> None:
-        """`b0-pm hub` with [hub] settings from a config file; waits for sd_notify READY."""
+    def start_hub(self, args=(), **settings) -> None:
+        """`b0-pm hub ARGS` with [hub] settings from a config file; waits for sd_notify READY."""
         config = self.workdir / "hub.toml"
         config.write_text("[hub]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items()))
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -90,7 +90,7 @@ class HubLab:
         notify.settimeout(STARTUP_S)
         try:
             env = dict(self.resolver.env, NOTIFY_SOCKET=notify_name)
-            self.hub = self._spawn([sys.executable, "-m", "b0_pm", "hub", "--config", str(config)],
+            self.hub = self._spawn([sys.executable, "-m", "b0_pm", "hub", "--config", str(config), *args],
                                    env, "hub.log")
             message = notify.recv(4096)
         finally:
@@ -164,12 +164,12 @@ class HubLab:
         self.resolver.stop()
 
 
-def make_lab(tmp_path: Path, hosts=(ALPHA, BETA), **hub_settings) -> HubLab:
+def make_lab(tmp_path: Path, hosts=(ALPHA, BETA), hub_args=(), **hub_settings) -> HubLab:
     lab = HubLab(tmp_path)
     try:
         for host in hosts:
             lab.start_pm(host)
-        lab.start_hub(**hub_settings)
+        lab.start_hub(hub_args, **hub_settings)
         lab.wait_for_hosts({host: pm_service(host) for host in hosts})
     except BaseException:
         lab.close()
@@ -190,8 +190,8 @@ def fresh_lab(tmp_path_factory):
     """For tests that kill PMs: make_lab(**hub settings), closed after the test."""
     labs = []
 
-    def make(hosts=(ALPHA, BETA), **hub_settings) -> HubLab:
-        labs.append(make_lab(tmp_path_factory.mktemp("hub"), hosts, **hub_settings))
+    def make(hosts=(ALPHA, BETA), hub_args=(), **hub_settings) -> HubLab:
+        labs.append(make_lab(tmp_path_factory.mktemp("hub"), hosts, hub_args, **hub_settings))
         return labs[-1]
 
     yield make
@@ -367,7 +367,9 @@ FORWARD_TIMEOUT_S = 1.5
 
 
 def test_dead_pm_times_out_while_the_other_host_keeps_working(fresh_lab):
-    lab = fresh_lab(forward_timeout_seconds=FORWARD_TIMEOUT_S, host_expiry_seconds=30)
+    # The command-line flag wins over the file.
+    lab = fresh_lab(hub_args=("--forward-timeout", str(FORWARD_TIMEOUT_S)), forward_timeout_seconds=9,
+                    host_expiry_seconds=30)
     lab.kill_pm(BETA)
     expected = (f"host {BETA} (service {pm_service(BETA)}) did not answer within "
                 f"{FORWARD_TIMEOUT_S:g} s")
@@ -420,7 +422,7 @@ def test_dead_pm_times_out_while_the_other_host_keeps_working(fresh_lab):
 
 def test_silent_host_expires(fresh_lab):
     expiry_s = 1.0
-    lab = fresh_lab(forward_timeout_seconds=10, host_expiry_seconds=expiry_s)
+    lab = fresh_lab(hub_args=("--host-expiry", str(expiry_s)), forward_timeout_seconds=10)
     lab.kill_pm(BETA)
     killed = time.monotonic()
     # A request in flight when the host expires is answered then, not after the 10 s timeout.
@@ -543,3 +545,14 @@ def test_request_in_flight_when_the_host_moves_is_answered_at_once(fresh_lab):
             assert lab.hosts()["gamma"]["service_name"] == new.service
             assert lab.call({"host_name": "gamma", "list_active_processes": {}}) == \
                 {"success": True, "list_active_processes": {"pids": []}}
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--forward-timeout", "0"], "--forward-timeout-seconds in the command line: must be more than 0"),
+    (["--config", "/nonexistent/hub.toml"], "configuration file /nonexistent/hub.toml does not exist"),
+])
+def test_bad_configuration_is_refused_before_starting(argv, problem):
+    done = subprocess.run([sys.executable, "-m", "b0_pm", "hub", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, B0_RESOLVER="tcp://127.0.0.1:9"))
+    assert done.returncode == 2
+    assert problem in done.stderr
