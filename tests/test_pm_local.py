@@ -5,6 +5,7 @@ real b0 node. One PM serves the whole module (short stop ladder)."""
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from tests.test_pm_support import (CRASH_REQUESTS, Control, PMProcess, TopicList
                                    pm_environment, python_executable, resolve, serve_argv,
                                    write_test_programs)
 
+BOOKWORM_PYTHON = "/usr/bin/python3"   # Debian's python3-zmq 24, -sdnotify 0.3.1, -daemon 2.3.2, -jsonschema 4.10
 HOST_ID = "127.0.0.1"
 NODE_NAME = f"process_manager@{HOST_ID}"
 SERVICE = f"{NODE_NAME}/control"
@@ -228,10 +230,18 @@ def test_dispatch_is_first_known_key(pm, programs):
     assert list(both) == ["query_process_status"]
 
 
+bookworm_python = pytest.mark.skipif(
+    subprocess.run([BOOKWORM_PYTHON, "-c", "import zmq, sdnotify, daemon, jsonschema"],
+                   capture_output=True).returncode != 0,
+    reason="Debian's python3-zmq, -sdnotify, -daemon and -jsonschema are not installed")
+
+
+@bookworm_python
 def test_sigterm_ends_cleanly_and_tells_the_resolver(resolver, empty_config, tmp_path):
-    """A second PM (host id localhost) without allowed directories: refuses, then SIGTERM."""
+    """A second PM (host id localhost, Debian's Python stack) without allowed directories:
+    refuses, then SIGTERM."""
     notify = notification_socket(tmp_path / "notify")
-    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost")
+    argv = serve_argv(BOOKWORM_PYTHON, empty_config, "--backend", "local", "--host-id", "localhost")
     process = PMProcess(argv, pm_environment(resolver.env, NOTIFY_SOCKET=str(tmp_path / "notify")),
                         tmp_path / "pm.log")
     try:
@@ -252,17 +262,17 @@ def test_sigterm_ends_cleanly_and_tells_the_resolver(resolver, empty_config, tmp
 
 
 def test_daemon_refused_under_systemd(empty_config, tmp_path):
-    import subprocess
     env = pm_environment({}, INVOCATION_ID="0123456789abcdef0123456789abcdef")
     done = subprocess.run(serve_argv(python_executable(), empty_config, "--daemon"), env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--daemon refused" in done.stderr
 
 
+@bookworm_python
 def test_daemon_mode_detaches_writes_the_pidfile_and_stops_on_sigterm(resolver, empty_config, tmp_path):
-    import subprocess
+    """With Debian's python-daemon 2.3.2."""
     pidfile, log_file = tmp_path / "pm.pid", tmp_path / "pm.log"
-    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost",
+    argv = serve_argv(BOOKWORM_PYTHON, empty_config, "--backend", "local", "--host-id", "localhost",
                       "--daemon", "--pidfile", str(pidfile), "--log-file", str(log_file))
     done = subprocess.run(argv, env=pm_environment(resolver.env), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
