@@ -7,6 +7,8 @@ the original defines:
 - A beacon with a new node/service name for a known host is followed (the
   original kept the stale address forever), unless the PM it replaces is
   still beaconing (two PMs claiming one host id): then the first stays.
+  A PM restarted under its old name (new port) is seen in the resolver's
+  graph as a new process id, and followed too.
 - Each forwarded request has a deadline (forward_timeout_s from its
   arrival). A PM that does not answer in time gets the client a clear
   error, its REQ socket is rebuilt, and the HUB goes on; the original

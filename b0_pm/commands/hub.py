@@ -5,6 +5,8 @@ import sys
 
 from b0_pm import config
 
+RESOLVER_TIMEOUT_S = 2.0
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -37,8 +39,9 @@ def run(args) -> int:
     from b0_pm.notify import Notifier
 
     setup_logging(cfg.log_level)
+    # The HUB asks the resolver from its loop (new PMs, restarts): a stalled resolver must not stall it for long.
     node = Node(HUB_NODE_NAME, resolver=cfg.resolver_address or None, host_id=cfg.host_id or None,
-                max_message_size=cfg.max_message_bytes)
+                max_message_size=cfg.max_message_bytes, resolver_timeout=RESOLVER_TIMEOUT_S)
     route_node_logger(node.log)
     hub = HubNode(node, forward_timeout_s=cfg.hub.forward_timeout_seconds,
                   host_expiry_s=cfg.hub.host_expiry_seconds,
