@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.fixtures_b0 import REPO_ROOT, resolver_request, start_resolver
-from tests.test_pm_support import (CRASH_REQUESTS, Control, TopicListener, assert_error_reply,
+from tests.test_pm_support import (CRASH_REQUESTS, Control, TopicListener, assert_error_reply, resolve,
                                    write_test_programs)
 
 pytestmark = pytest.mark.systemd
@@ -24,6 +24,7 @@ PROGRAM_UNITS = "b0pm-127.0.0.1-*"
 WORKDIR = "/var/lib/b0pm-test"      # inside the container (not /tmp: the container mounts its own)
 LADDER_STEP_S = 0.3
 VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
+BOOKWORM_PYTHON = "/usr/bin/python3"
 
 
 class SandboxPM:
@@ -57,7 +58,6 @@ class SandboxPM:
         self.connect(NODE_NAME)
 
     def connect(self, node_name: str) -> None:
-        from tests.test_pm_support import resolve
         service = f"{node_name}/control"
         if self.control is not None:
             self.control.close()
@@ -248,3 +248,33 @@ def test_systemctl_stop_ends_the_pm_cleanly_and_leaves_programs_running(sandbox_
     assert sandbox_pm.show(unit, "SubState")["SubState"] == "running"
     graph = resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]
     assert f"{NODE_NAME}-1" not in [node["node_name"] for node in graph["nodes"]], "no shutdown_node"
+
+
+def test_pm_on_debians_python_stack_under_systemd(sandbox_pm, resolver):
+    """pystemd 0.11, pyzmq 24, sdnotify 0.3.1, jsonschema 4.10: what the .deb runs on."""
+    sandbox = sandbox_pm.sandbox
+    if sandbox.exec([BOOKWORM_PYTHON, "-c", "import pystemd, zmq, sdnotify, jsonschema"],
+                    check=False).returncode != 0:
+        pytest.skip("Debian's python3-pystemd, -zmq, -sdnotify and -jsonschema are not installed")
+    unit = "b0pm-test-bookworm-pm.service"
+    service = "process_manager@localhost/control"
+    result = sandbox.exec(["systemd-run", f"--unit={unit}", "--property=Type=notify", "--property=WatchdogSec=3",
+                           f"--setenv=B0_RESOLVER={resolver.address}", "--setenv=B0PM_BIND_HOST=127.0.0.1",
+                           f"--setenv=PYTHONPATH={REPO_ROOT}", BOOKWORM_PYTHON, "-m", "b0_pm", "serve",
+                           "--config", f"{WORKDIR}/empty.toml", "--backend", "systemd", "--host-id", "localhost",
+                           "--allowed-directory", f"{WORKDIR}/bin"], check=False, timeout=60)
+    control = None
+    try:
+        assert result.returncode == 0, result.stderr + sandbox_pm.journal(unit)
+        control = Control(resolve(resolver.address, service), service)
+        pid = control.start_pid(sandbox_pm.programs["exit3"])
+        assert control.wait_exit(pid) == {"success": True, "running": False, "exit_code": 3}
+        sandbox.exec(["systemctl", "stop", unit])
+        assert sandbox_pm.show(unit, "Result")["Result"] == "success"
+    finally:
+        if control is not None:
+            control.close()
+        for argv in (["systemctl", "kill", "--signal=SIGKILL", unit, "b0pm-localhost-*"],
+                     ["systemctl", "stop", unit, "b0pm-localhost-*"],
+                     ["systemctl", "reset-failed", unit, "b0pm-localhost-*"]):
+            sandbox.exec(argv, check=False)
