@@ -166,10 +166,8 @@ class Node:
     def service_server(self, name: str, handler, *, request_type: str | None = None,
                        response_type: str = "", error_reply=None, port: int | None = None) -> ServiceServer:
         """handler(request): request.payload/.content_type/.envelope, request.reply(...)."""
-        server = ServiceServer(self, name, handler, request_type=request_type,
-                               response_type=response_type, error_reply=error_reply)
-        server.fixed_port = port
-        return self._declare(server)
+        return self._declare(ServiceServer(self, name, handler, request_type=request_type,
+                                           response_type=response_type, error_reply=error_reply, port=port))
 
     def service_client(self, name: str) -> ServiceClient:
         return self._declare(ServiceClient(self, name))
@@ -298,7 +296,7 @@ class Node:
     def _open_socket(self, sock) -> None:
         name = substitute(sock.raw_name, self.host_id, self.name)
         if isinstance(sock, ServiceServer):
-            sock.open(name, self.host_id, sock.fixed_port)
+            sock.open(name, self.host_id)
             self._announce_service(sock)
         elif isinstance(sock, ServiceClient):
             sock.open(name, self.resolve_service(name))

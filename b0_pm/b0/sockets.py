@@ -108,8 +108,10 @@ class ServiceServer:
     """ROUTER socket: REQ clients can't tell it from REP, and replies may wait."""
 
     def __init__(self, owner, name: str, handler, *, request_type: str | None = None,
-                 response_type: str = "", error_reply=None, notify_graph: bool = True):
+                 response_type: str = "", error_reply=None, notify_graph: bool = True,
+                 port: int | None = None):
         self.owner = owner
+        self.fixed_port = port
         self.raw_name = name
         self.name = name
         self.handler = handler
@@ -121,12 +123,12 @@ class ServiceServer:
         self.address: str | None = None
         self._sock: zmq.Socket | None = None
 
-    def open(self, name: str, host_id: str, port: int | None = None) -> None:
-        """Bind tcp://<bind host>:<port or env or OS-chosen>; address = tcp://<host id>:<port>."""
+    def open(self, name: str, host_id: str) -> None:
+        """Bind tcp://<bind host>:<fixed port, else env, else OS-chosen>; address = tcp://<host id>:<port>."""
         self.name = name
         sock = make_socket(self.owner.context, zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, self.owner.max_message_size * HARD_LIMIT_FACTOR)
-        port = port or service_port_from_env(name)
+        port = self.fixed_port or service_port_from_env(name)
         try:
             sock.bind(f"tcp://{self.owner.bind_host}:{port or '*'}")
         except zmq.ZMQError as exc:
