@@ -76,21 +76,25 @@ class Sandbox:
         return result
 
     def popen(self, argv, env=None, **popen_kwargs) -> subprocess.Popen:
-        """Start argv inside the container; it is killed at teardown at the latest.
-
-        The process runs in its own session so that its process group (nsenter
-        and the program it forks into the container's PID namespace) can be
-        signalled as a whole with signal_daemon()."""
+        """Start argv inside the container (through nsenter); killed at teardown at the latest."""
         process = subprocess.Popen(self._inside(argv, env), start_new_session=True, **popen_kwargs)
         self._daemons.append(process)
         return process
 
     @staticmethod
     def signal_daemon(process: subprocess.Popen, signum: int) -> None:
-        """Signal a popen()ed process and its nsenter'd child (same process group)."""
-        if process.poll() is None:
+        """Signal the program a popen()ed nsenter runs; nsenter then reaps it and exits.
+
+        Killing nsenter first would orphan the program to the host's init, and
+        until that reaps it, the zombie holds up the container's shutdown for 10 s."""
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        try:
+            pids = [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return   # nsenter has exited
+        for pid in pids:
             try:
-                os.killpg(process.pid, signum)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -157,7 +161,11 @@ class Sandbox:
     def close(self) -> None:
         for process in self._daemons:
             self.signal_daemon(process, signal.SIGKILL)
-            process.wait(timeout=10)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         if self.nspawn is not None and self.nspawn.poll() is None:
             self.nspawn.send_signal(signal.SIGTERM)  # nspawn asks the container to power off
             try:

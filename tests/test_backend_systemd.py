@@ -235,3 +235,33 @@ def test_close_with_stop_all_ends_every_program(drivers):
     backend.call("close", stop_all=True)
     # SIGINT is a clean exit for systemd: the units stay "active (exited)"
     assert sorted(drivers.sub_states().values()) == ["exited", "exited"]
+
+
+def test_a_start_systemd_refuses_raises_start_error(drivers):
+    backend = drivers.start()
+    with pytest.raises(DriverError) as raised:
+        backend.call("start", path="/bin/true", args=[], environment={"NOT A NAME": "1"})
+    assert (raised.value.error, raised.value.message) == (
+        "StartError", "systemd refused to start /bin/true: Invalid environment block (Invalid argument)")
+    assert drivers.units() == []
+
+
+def test_a_unit_stopped_by_an_administrator_is_reported_and_later_forgotten(drivers, systemd_sandbox):
+    backend = drivers.start(retention_s=1.0)
+    record = backend.call("start", path="/bin/sleep", args=["1007"])
+    systemd_sandbox.exec(["systemctl", "stop", record["unit"]])   # SIGTERM is clean: the unit is unloaded
+    ended = backend.call("wait_exit", pid=record["pid"], seconds=10)
+    assert (ended["exit_code"], ended["signal"]) == (-signal.SIGTERM, signal.SIGTERM)
+    backend.call("run", seconds=1.5)
+    assert backend.call("status", pid=record["pid"]) is None
+    assert drivers.units() == []
+
+
+def test_select_backend_picks_the_system_manager_as_root(systemd_sandbox):
+    script = ("import logging, sys; sys.path.insert(0, sys.argv[1]); from b0_pm.backends import select_backend\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "for prefer in (None, 'local'):\n"
+              "    backend = select_backend('sel', prefer); print(type(backend).__name__); backend.close(False)")
+    result = systemd_sandbox.exec([VENV_PYTHON, "-c", script, str(REPO)])
+    assert result.stdout.split() == ["SystemdBackend", "LocalBackend"]
+    assert "process backend: the systemd system manager\n" in result.stderr

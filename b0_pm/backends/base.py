@@ -204,9 +204,12 @@ class Backend:
         for pid in self.running_pids():
             self.stop(pid)
         give_up = time.monotonic() + sum(wait_s for _, wait_s in self.stop_ladder) + 2.0
-        while any(t.stopping for t in self._table.values()) and time.monotonic() < give_up:
-            deadline = self.tick(time.monotonic())
-            wait_for_events(max(0.0, min(deadline or give_up, give_up) - time.monotonic()))
+        while True:
+            now = time.monotonic()
+            deadline = self.tick(now)
+            if now >= give_up or not any(t.stopping is not None for t in self._table.values()):
+                return
+            wait_for_events(max(0.0, min(deadline or give_up, give_up) - now))
             self.process_events()
 
     # -- what a subclass provides -----------------------------------------

@@ -20,7 +20,7 @@ import select
 import shlex
 import time
 
-from pystemd.dbusexc import DBusError
+from pystemd.dbusexc import DBusBaseError as DBusError   # DBusError itself is a factory function
 from pystemd.dbuslib import DBus, apply_signature, path_encode
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
 
@@ -63,6 +63,13 @@ SIGNAL_MATCHES = (
 def unit_name_part(text: str) -> str:
     """Characters allowed in our unit names; '-' is kept out because it means hierarchy in slices."""
     return re.sub(r"[^A-Za-z0-9_.:]", "_", text)[:64] or "_"
+
+
+def dbus_error_text(error: DBusError) -> str:
+    """pystemd's str() of an error adds noise; keep systemd's message and the errno's name."""
+    message = error.err_message.decode() if isinstance(error.err_message, bytes) else str(error.err_message)
+    reason = os.strerror(abs(error.errno)) if error.errno else ""
+    return f"{message.rstrip('.')} ({reason})" if message and reason else message or reason
 
 
 def _apply_exit(record: ProcessRecord, service: dict | None) -> None:
@@ -232,7 +239,7 @@ class SystemdBackend(Backend):
         try:
             return self._calls.call_method(SYSTEMD, MANAGER_PATH, MANAGER, b"StartTransientUnit", args).body
         except DBusError as error:
-            raise StartError(f"systemd refused to start {path}: {error}") from error
+            raise StartError(f"systemd refused to start {path}: {dbus_error_text(error)}") from error
 
     def _wait_for_job(self, job: bytes) -> bytes:
         self._awaited_job, self._job_result = job, None
@@ -268,7 +275,7 @@ class SystemdBackend(Backend):
             try:
                 self._manager(method, signature, *values)
             except DBusError as error:
-                log.debug("discarding %s: %s", unit.name, error)   # already stopped or gone
+                log.debug("discarding %s: %s", unit.name, dbus_error_text(error))   # already stopped or gone
 
     # -- stop ladder hooks ---------------------------------------------------
 
@@ -281,7 +288,7 @@ class SystemdBackend(Backend):
                 return
             self._manager(b"KillUnit", b"ssi", unit.bname, b"all", signum)
         except DBusError as error:
-            log.debug("KillUnit %s: %s", unit.name, error)   # no process left, or the unit is gone
+            log.debug("KillUnit %s: %s", unit.name, dbus_error_text(error))   # no process left, or the unit is gone
 
     def _tree_alive(self, tracked: TrackedProcess) -> bool:
         try:
@@ -298,7 +305,7 @@ class SystemdBackend(Backend):
             elif state != b"inactive":
                 self._manager(b"StopUnit", b"ss", unit.bname, b"replace")
         except DBusError as error:
-            log.debug("collecting %s: %s", unit.name, error)
+            log.debug("collecting %s: %s", unit.name, dbus_error_text(error))
 
     # -- reconciliation and adoption -----------------------------------------
 
