@@ -47,7 +47,8 @@ STOP_EPILOG = """\
 Stop a process: SIGINT to its whole process tree, then SIGTERM, then
 SIGKILL if it does not end. Without --wait the command returns as soon as
 the PM has begun; with --wait it returns when the process has ended and
-says how ("exited with status 3", "killed by signal SIGINT").
+says how ("exited with status 3", "killed by signal SIGINT"), or exits
+with status 3 if it still runs after --wait-timeout.
 
 examples:
   b0-pm stop 4242
@@ -56,8 +57,9 @@ examples:
 """
 
 STATUS_EPILOG = """\
-Show whether a process is running, or how it ended. The PM remembers
-processes for a while after they end (exit status or signal).
+Show whether a process is running, or how it ended ("exited with status
+3", "killed by signal SIGSEGV"). The PM keeps the exit status of an ended
+process for retention_seconds (default 600), then answers "no such pid".
 
 examples:
   b0-pm status 4242
@@ -88,8 +90,7 @@ examples:
 LOGS_EPILOG = """\
 Print the last lines a process wrote to stdout and stderr, read by its PM
 from the systemd journal (get_log). -f keeps printing new lines until
-interrupted. A PM running with the local backend has no journal and
-refuses.
+Ctrl-C. A PM running with the local backend has no journal and refuses.
 
 examples:
   b0-pm logs 4242
