@@ -162,8 +162,8 @@ def test_start_outside_the_allowed_directory_is_refused(stack):
     done = run(stack["env"], "start", "/bin/true")
     assert done.returncode == 1
     assert done.stdout == ""
-    assert done.stderr.startswith("b0-pm start: ")
-    assert "/bin/true" in done.stderr or "permission denied" in done.stderr
+    assert done.stderr.startswith("b0-pm start: permission denied: /bin/true ")
+    assert "is not inside an allowed directory" in done.stderr
 
 
 def test_start_refused_json_prints_the_reply_too(stack):
@@ -377,7 +377,7 @@ def test_no_resolver_exits_3_within_the_timeout():
     elapsed = time.monotonic() - started
     assert (done.returncode, done.stdout) == (3, "")
     assert "resolver" in done.stderr and env["B0_RESOLVER"] in done.stderr
-    assert elapsed < 1 + 2.5  # the timeout, plus interpreter start and a bounded goodbye
+    assert elapsed < 1 + 4  # the timeout, plus interpreter start and a bounded goodbye on a busy machine
 
 
 def test_a_pm_that_never_answers_exits_3_naming_the_service(b0_env):
@@ -390,7 +390,7 @@ def test_a_pm_that_never_answers_exits_3_naming_the_service(b0_env):
         elapsed = time.monotonic() - started
     assert (done.returncode, done.stdout) == (3, "")
     assert done.stderr.startswith("b0-pm status: no answer from process_manager@hung/control within 1 s")
-    assert 1 <= elapsed < 1 + 2.5
+    assert 1 <= elapsed < 1 + 4
 
 
 # --- usage errors --------------------------------------------------------------
