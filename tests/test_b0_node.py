@@ -393,3 +393,16 @@ def test_console_log_format_and_level(resolver):
     bad = subprocess.run([sys.executable, "-m", "b0_pm", "call", "x"], env=dict(env, B0_CONSOLE_LOGLEVEL="loud"),
                          capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
     assert bad.returncode == 2 and "invalid log level 'loud'" in bad.stderr
+
+
+def test_shutdown_does_not_linger_past_its_budget_on_unsent_requests(b0_env, resolver):
+    resolver_request(resolver.address, "announce_node", {"host_id": "h", "process_id": 1, "node_name": "ghost"})
+    resolver_request(resolver.address, "announce_service", {  # nothing listens there: requests stay queued
+        "node_name": "ghost", "service_name": "ghost/svc", "sock_addr": f"tcp://127.0.0.1:{free_port()}"})
+    node = Node("impatient", shutdown_timeout=0.5)
+    nobody = node.service_client("ghost/svc")
+    node.start()
+    nobody.call_async(b"hello?", "", None, lambda result: None)
+    started = time.monotonic()
+    node.shutdown()
+    assert time.monotonic() - started < 1.5

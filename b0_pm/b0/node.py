@@ -21,7 +21,7 @@ from b0_pm.b0 import jsoncodec
 from b0_pm.b0.envelope import DEFAULT_MAX_SIZE
 from b0_pm.b0.errors import FieldError, MessageError
 from b0_pm.b0.loop import EventLoop
-from b0_pm.b0.sockets import Publisher, ServiceClient, ServiceServer, Subscriber
+from b0_pm.b0.sockets import LINGER_MS, Publisher, ServiceClient, ServiceServer, Subscriber
 
 RESOLV_REQUEST = "b0.message.resolv.Request"
 RESOLV_RESPONSE = "b0.message.resolv.Response"
@@ -221,17 +221,19 @@ class Node:
             return
         self.closed = True
         self._shutdown_deadline = time.monotonic() + self.shutdown_timeout
+        # Unsent data may linger (LINGER 5000 as in C++) but never past the shutdown budget.
+        linger_ms = int(self.shutdown_timeout * 1000)
         if self.started:
             self._stop_heartbeats()
             for sock in list(self._sockets):
-                self._close_socket(sock)
+                self._close_socket(sock, min(linger_ms, LINGER_MS))
             try:
                 reply = self._resolver_request("shutdown_node", {"node_name": self.name}, self._timeout())
                 if not reply.get("ok"):
                     self.log.warning("resolver refused shutdown_node for '%s'", self.name)
             except (TimeoutError, ResolverError, MessageError) as exc:
                 self.log.warning("shutdown_node failed: %s", exc)
-        linger = 0 if self._resolver_dead else None
+        linger = 0 if self._resolver_dead else min(linger_ms, LINGER_MS)
         if self._log_publisher is not None:
             self._log_publisher.close(linger)
             self._log_publisher = None
@@ -314,8 +316,8 @@ class Node:
             raise ResolverError(f"announceService failed: the resolver refused service '{server.name}' "
                                 f"(name taken?)")
 
-    def _close_socket(self, sock) -> None:
-        sock.close()
+    def _close_socket(self, sock, linger: int | None = None) -> None:
+        sock.close(linger)
         try:
             self._notify_graph(sock, False)
         except (TimeoutError, ResolverError, MessageError) as exc:

@@ -146,10 +146,10 @@ class ServiceServer:
         except zmq.ZMQError as exc:
             raise OSError(f"service '{self.name}' cannot bind port {port}: {exc}") from exc
 
-    def close(self) -> None:
+    def close(self, linger: int | None = None) -> None:
         if self._sock is not None:
             self.owner.loop.remove_socket(self._sock)
-            self._sock.close()
+            self._sock.close(linger)
             self._sock = None
 
     def send_reply(self, route: list[bytes], payload: bytes, content_type: str) -> None:
