@@ -120,16 +120,19 @@ def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(start_driver
         _stop_leftovers(marker)
 
 
-def test_stop_ends_grandchildren_too(start_driver, marker):
+def test_stop_ends_grandchildren_that_outlive_a_clean_exit(start_driver, marker):
     backend = start_driver()
-    # a non-interactive shell starts `&` jobs with SIGINT ignored: only the ladder's SIGTERM ends them
-    record = backend.call("start", path="/bin/sh", args=["-c", f"sleep {marker} & sleep {marker}"])
+    # the shell exits 0 on SIGINT; its `&` job was started with SIGINT ignored (non-interactive
+    # shell), so only the ladder's next step (SIGTERM to the process group) ends it
+    script = f"sleep {marker} & trap 'exit 0' INT; while :; do sleep 0.05; done"
+    record = backend.call("start", path="/bin/sh", args=["-c", script])
     try:
         time.sleep(0.3)
-        assert len(_alive_with(marker)) == 2
+        assert len(_alive_with(marker)) == 1
         backend.call("stop", pid=record["pid"])
-        assert backend.call("wait_exit", pid=record["pid"], seconds=10)["running"] is False
-        backend.call("run", seconds=1.5)
+        assert backend.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == 0
+        assert len(_alive_with(marker)) == 1   # until the SIGTERM step, 0.5 s after SIGINT
+        backend.call("run", seconds=1.0)
         assert _alive_with(marker) == []
     finally:
         _stop_leftovers(marker)
