@@ -110,8 +110,8 @@ class PMClient:
         return self.request("get_log", {"pid": pid, "lines": lines})
 
     def hosts(self) -> Reply:
-        """The hosts the HUB knows (extension list_hosts); always asks the HUB."""
-        raw = self._call(HUB_SERVICE, {"host_name": ALL_HOSTS, "list_hosts": {}})
+        """The hosts the HUB knows (extension list_hosts): all, or only this client's host."""
+        raw = self._call(HUB_SERVICE, {"host_name": self.host or ALL_HOSTS, "list_hosts": {}})
         return Reply(raw, self._result(raw, "list_hosts"))
 
     def request(self, operation: str, body: dict) -> Reply:

@@ -334,6 +334,13 @@ def test_hosts(stack):
     assert entry["service_name"] == PM_SERVICE
 
 
+def test_hosts_of_one_host(stack):
+    done = run(stack["env"], "hosts", "--host", HOST)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{HOST}\n", "")
+    done = run(stack["env"], "hosts", "--host", "nowhere")
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "b0-pm hosts: unknown host\n")
+
+
 # --- logs ----------------------------------------------------------------------
 
 def test_logs_on_the_local_backend_is_a_clear_refusal(stack):

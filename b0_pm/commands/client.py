@@ -80,10 +80,12 @@ examples:
 
 HOSTS_EPILOG = """\
 List the hosts whose process managers the HUB currently hears, one per
-line. Always goes through the HUB.
+line. Always goes through the HUB; with --host H, only H, and exit status
+1 if the HUB does not hear it.
 
 examples:
   b0-pm hosts
+  b0-pm hosts --host robot1 >/dev/null && echo "robot1 is up"
   b0-pm hosts --json
 """
 
