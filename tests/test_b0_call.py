@@ -103,3 +103,27 @@ def test_sigterm_while_waiting_shuts_the_node_down_cleanly(b0_env, resolver):
                 proc.wait()
     names = [n["node_name"] for n in resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]["nodes"]]
     assert "waiter" not in names
+
+
+def test_ctrl_c_while_no_resolver_answers_exits_promptly(resolver):
+    import signal
+    import socket
+    silent = socket.socket()  # accepts TCP but never speaks ZMTP: the announce waits forever
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    silent.settimeout(20)
+    env = dict(resolver.env, B0_RESOLVER=f"tcp://127.0.0.1:{silent.getsockname()[1]}")
+    proc = subprocess.Popen([sys.executable, "-m", "b0_pm", "call", "any/svc"], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, cwd=REPO_ROOT)
+    try:
+        silent.accept()[0].close()  # the node is now inside announce_node
+        time.sleep(0.2)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(2) == 130
+        assert b"interrupted" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        silent.close()

@@ -233,7 +233,8 @@ class Node:
                     self.log.warning("resolver refused shutdown_node for '%s'", self.name)
             except (TimeoutError, ResolverError, MessageError) as exc:
                 self.log.warning("shutdown_node failed: %s", exc)
-        linger = 0 if self._resolver_dead else min(linger_ms, LINGER_MS)
+        # Never announced (or resolver gone): a queued announce is not worth waiting for.
+        linger = 0 if self._resolver_dead or not self.started else min(linger_ms, LINGER_MS)
         if self._log_publisher is not None:
             self._log_publisher.close(linger)
             self._log_publisher = None

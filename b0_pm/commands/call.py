@@ -54,6 +54,9 @@ def run(args) -> int:
             if reply is None:
                 print(f"b0-pm call: interrupted while waiting for service '{service}'", file=sys.stderr)
                 return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            print(f"b0-pm call: interrupted while calling service '{service}'", file=sys.stderr)
+            return EXIT_INTERRUPTED
         except TimeoutError as exc:
             print(f"b0-pm call: {_timeout_message(exc, service, args.timeout)}", file=sys.stderr)
             return EXIT_TIMEOUT
