@@ -287,3 +287,14 @@ def test_decode_of_mutated_valid_frames_raises_only_message_errors(data):
         envelope.decode(bytes(frame))
     except MessageError:
         pass
+
+
+def test_lz4_missing_is_a_clear_error(monkeypatch):
+    import sys
+    lz4_frame = (b"t\nPart-count: 1\nContent-length-0: 4\nCompression-algorithm-0: lz4\n"
+                 b"Uncompressed-content-length-0: 3\n\n\x30abc")
+    monkeypatch.setitem(sys.modules, "lz4", None)  # makes `import lz4.block` fail as if not installed
+    monkeypatch.setitem(sys.modules, "lz4.block", None)
+    with pytest.raises(CompressionError, match="needs the Python package 'lz4'"):
+        envelope.decode(lz4_frame)
+    assert envelope.decode(envelope.encode("t", b"plain")).payload == b"plain"
