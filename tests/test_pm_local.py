@@ -281,7 +281,9 @@ def test_daemon_mode_detaches_writes_the_pidfile_and_stops_on_sigterm(resolver, 
         time.sleep(0.05)
     daemon_pid = int(pidfile.read_text())
     try:
-        resolve(resolver.address, "process_manager@localhost/control")
+        while not (log_file.exists() and "ready on service" in log_file.read_text()):
+            assert time.monotonic() < deadline + 10, "the daemon did not get ready"
+            time.sleep(0.05)
         assert os.getsid(daemon_pid) != os.getsid(0), "the daemon left the session it was started in"
         os.kill(daemon_pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -293,3 +295,17 @@ def test_daemon_mode_detaches_writes_the_pidfile_and_stops_on_sigterm(resolver, 
     finally:
         if os.path.exists(f"/proc/{daemon_pid}"):
             os.kill(daemon_pid, signal.SIGKILL)
+
+
+def test_sigterm_while_waiting_for_the_resolver_ends_cleanly(empty_config, tmp_path):
+    from tests.fixtures_b0 import free_port
+    nobody = f"tcp://127.0.0.1:{free_port()}"   # no resolver: the announce waits, as in C++
+    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost")
+    process = PMProcess(argv, pm_environment({"B0_RESOLVER": nobody}), tmp_path / "pm.log")
+    try:
+        time.sleep(1.5)
+        assert process.process.poll() is None, process.log()
+        assert process.terminate(timeout=10) == 0
+        assert "Interrupted while starting" in process.log()
+    finally:
+        process.kill()

@@ -1,6 +1,7 @@
 """`b0-pm serve`: this host's process manager node (what b0-pm@HOST.service runs)."""
 
 import os
+import signal
 import sys
 
 from b0_pm import config
@@ -92,37 +93,45 @@ def serve(cfg, *, log_file: str | None = None, use_syslog: bool = False) -> int:
         return EXIT_FAILURE
     manager = ProcessManager(cfg, backend, host_id=host_id, read_log=read_log, notifier=notifier)
     route_node_logger(manager.log)
+    # until the loop takes SIGTERM over, it ends the start-up like Ctrl-C: cleanly, not abruptly
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         manager.run()
     except (TimeoutError, ResolverError, OSError) as exc:
         manager.log.error("cannot serve: %s", exc)
         return EXIT_FAILURE
-    except KeyboardInterrupt:  # Ctrl-C while still announcing (the loop handles it later on)
-        pass
+    except KeyboardInterrupt:
+        manager.log.info("Interrupted while starting: shut down.")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class BackendUnavailable(Exception):
     """The configured backend cannot be used here; the message says why."""
 
 
+# config's names -> select_backend's kinds (None: the best this host offers)
+BACKEND_KINDS = {"auto": None, "systemd": "system", "user": "user", "local": "local"}
+
+
 def make_backend(cfg, host_id: str):
     """The configured backend and its log reader (None when it keeps no journal)."""
-    import signal
 
+    from b0_pm.backends import select_backend
+    from b0_pm.backends.local import LocalBackend
     from b0_pm.protocol import JournalLogReader
 
     pm = cfg.pm
-    options = {"retention_s": pm.retention_seconds,
-               "stop_ladder": ((signal.SIGINT, pm.stop_signal_grace_seconds),
-                               (signal.SIGTERM, pm.term_grace_seconds), (signal.SIGKILL, 0.0))}
-    if pm.backend in ("systemd", "user", "auto"):
-        user_mode = pm.backend == "user"
-        try:
-            from b0_pm.backends.systemd import SystemdBackend
-            return SystemdBackend(host_id, user_mode=user_mode, **options), JournalLogReader(user_manager=user_mode)
-        except Exception as exc:  # no pystemd, no bus, no systemd: all mean "not here"
-            if pm.backend != "auto":
-                raise BackendUnavailable(f"the {pm.backend} backend is not available: {exc}") from exc
-    from b0_pm.backends.local import LocalBackend
-    return LocalBackend(**options), None
+    ladder = ((signal.SIGINT, pm.stop_signal_grace_seconds), (signal.SIGTERM, pm.term_grace_seconds),
+              (signal.SIGKILL, 0.0))
+    try:
+        backend = select_backend(host_id, BACKEND_KINDS[pm.backend], retention_s=pm.retention_seconds,
+                                 stop_ladder=ladder)
+    except RuntimeError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    if isinstance(backend, LocalBackend):
+        return backend, None
+    return backend, JournalLogReader(user_manager=backend.user_mode)
