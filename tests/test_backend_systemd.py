@@ -270,3 +270,50 @@ def test_select_backend_picks_the_system_manager_as_root(systemd_sandbox):
     result = systemd_sandbox.exec([VENV_PYTHON, "-c", script, str(REPO)])
     assert result.stdout.split() == ["SystemdBackend", "LocalBackend"]
     assert "process backend: the systemd system manager\n" in result.stderr
+
+
+@pytest.fixture
+def user_manager(systemd_sandbox):
+    """A lingering user with its own systemd --user manager in the sandbox: (uid, gid)."""
+    systemd_sandbox.exec(["sh", "-c", "id b0pmuser >/dev/null 2>&1 || useradd --create-home b0pmuser"])
+    uid, gid = (int(systemd_sandbox.exec(["id", flag, "b0pmuser"]).stdout) for flag in ("-u", "-g"))
+    systemd_sandbox.exec(["systemctl", "start", "systemd-logind.service"])
+    systemd_sandbox.exec(["loginctl", "enable-linger", "b0pmuser"])
+    deadline = time.monotonic() + 20
+    while not systemd_sandbox.exec(["test", "-S", f"/run/user/{uid}/bus"], check=False).returncode == 0:
+        assert time.monotonic() < deadline, "the user manager of b0pmuser did not start"
+        time.sleep(0.1)
+    yield uid, gid
+    systemd_sandbox.exec(["loginctl", "disable-linger", "b0pmuser"], check=False)
+    systemd_sandbox.exec(["systemctl", "stop", f"user@{uid}.service"], check=False)   # ends its units too
+
+
+def test_user_mode_runs_programs_in_the_user_manager(drivers, systemd_sandbox, user_manager):
+    uid, gid = user_manager
+    # Debian's python3 (pystemd 0.11): the venv's interpreter lives under /root, out of a user's reach
+    config = {"kind": "systemd-user", "instance": "usermode", "stop_ladder": SHORT_LADDER}
+    process = systemd_sandbox.popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", BOOKWORM_PYTHON, DRIVER, json.dumps(config)],
+        env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    drivers.processes.append(process)
+    backend = DriverClient(process)
+    quick = backend.call("start", path="/bin/sh", args=["-c", "exit 3"])
+    sleeper = backend.call("start", path="/bin/sleep", args=["1008"])
+    assert backend.call("wait_exit", pid=quick["pid"], seconds=10)["exit_code"] == 3
+    listed = systemd_sandbox.exec(["systemctl", "--user", "-M", "b0pmuser@", "list-units", "--all", "--plain",
+                                   "--no-legend", "b0pm-usermode-*"]).stdout
+    assert sleeper["unit"] in listed and quick["unit"] in listed
+    backend.call("stop", pid=sleeper["pid"])
+    assert backend.call("wait_exit", pid=sleeper["pid"], seconds=10)["exit_code"] == -signal.SIGINT
+
+
+def test_select_backend_picks_the_user_manager_when_not_root(systemd_sandbox, user_manager):
+    uid, gid = user_manager
+    script = ("import logging, sys; sys.path.insert(0, sys.argv[1]); from b0_pm.backends import select_backend\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "backend = select_backend('sel'); print(type(backend).__name__, backend.user_mode); backend.close(False)")
+    result = systemd_sandbox.exec(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
+                                   BOOKWORM_PYTHON, "-c", script, str(REPO)],
+                                  env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"})
+    assert result.stdout.split() == ["SystemdBackend", "True"]
+    assert "process backend: the systemd user manager (skipped system: not running as root" in result.stderr
