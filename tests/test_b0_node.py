@@ -406,3 +406,27 @@ def test_shutdown_does_not_linger_past_its_budget_on_unsent_requests(b0_env, res
     started = time.monotonic()
     node.shutdown()
     assert time.monotonic() - started < 1.5
+
+
+def test_call_async_from_inside_a_callback_keeps_one_request_in_flight(b0_env, resolver):
+    def handler(request):
+        if request.payload != b"never":
+            request.reply(request.payload)
+
+    with NodeThread("server", lambda n: n.service_server("svc", handler)):
+        with Node("client") as client:
+            svc = client.service_client("svc")
+            client.start()
+            results = []
+
+            def chain(result):
+                results.append(result)
+                if len(results) < 4:  # queue the next call from inside the callback
+                    svc.call_async(b"never" if len(results) == 1 else b"last", "", 0.3, chain)
+
+            svc.call_async(b"first", "", 5, chain)
+            svc.call_async(b"queued", "", 5, results.append)
+            assert spin_until(client, lambda: len(results) == 4)
+            client.loop.run_once(0.2)  # nothing else may arrive
+            described = [type(r).__name__ if isinstance(r, Exception) else r.payload for r in results]
+            assert described == [b"first", b"queued", "TimeoutError", b"last"]

@@ -221,7 +221,7 @@ class ServiceClient:
         self.address: str | None = None
         self._sock: zmq.Socket | None = None
         self._queue: deque = deque()
-        self._in_flight = None  # (callback, timer) of the call_async awaiting its reply
+        self._in_flight = None  # (callback, timer, timeout_s) of the call_async awaiting its reply
 
     def open(self, name: str, address: str) -> None:
         self.name = name
@@ -293,14 +293,16 @@ class ServiceClient:
         except MessageError as exc:
             result = exc
         self._deliver(callback, result)
-        self._send_next()
+        if self._in_flight is None:  # the callback may already have sent the next one
+            self._send_next()
 
     def _on_timeout(self) -> None:
         callback, _, timeout_s = self._in_flight
         self._in_flight = None
         self._rebuild()
         self._deliver(callback, TimeoutError(f"no reply from service '{self.name}' within {timeout_s:g} s"))
-        self._send_next()
+        if self._in_flight is None:
+            self._send_next()
 
     def _deliver(self, callback, result) -> None:
         if callback is None:
