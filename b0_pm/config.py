@@ -54,7 +54,8 @@ class PMSettings:
     term_grace_seconds: float = _setting(
         5.0, "stop: seconds between SIGTERM and SIGKILL", minimum=0)
     beacon_interval_seconds: float = _setting(
-        0.1, "seconds between beacons (the original: 10 Hz)", above=0)
+        0.1, "seconds between beacons (the original: 10 Hz); at most 0.5, because the"
+             " original C++ HUB forgets a PM after 1 s without a beacon", above=0, maximum=0.5)
     stop_processes_on_exit: bool = _setting(
         False, "stop every managed process when the PM exits (else they keep running and are adopted)")
     backend: str = _setting("auto", "how programs are run", choices=BACKENDS)

@@ -79,6 +79,9 @@ def test_file_values_are_read(tmp_path):
     ("[pm]\nretention_seconds = -1\n", "pm.retention_seconds in {path}: must be at least 0, got -1"),
     ("[pm]\nbeacon_interval_seconds = 0\n",
      "pm.beacon_interval_seconds in {path}: must be more than 0, got 0"),
+    # The original C++ HUB drops a PM after 1 s without a beacon.
+    ("[pm]\nbeacon_interval_seconds = 1.5\n",
+     "pm.beacon_interval_seconds in {path}: must be at most 0.5, got 1.5"),
     ("[pm]\nstop_processes_on_exit = 1\n",
      "pm.stop_processes_on_exit in {path}: must be true or false, got 1"),
     ('[pm]\nbackend = "docker"\n',
