@@ -80,6 +80,8 @@ class ProcessManager:
         for record in self.backend.adopt():
             state = "running" if record.running else f"exited with code {record.exit_code}"
             self.log.info("Adopted process %d (%s), %s.", record.pid, record.path, state)
+        # `systemctl status` says what a PM that is not ready yet is waiting for
+        self.notifier.status(f"announcing {self.node.name} to the resolver at {self.resolver_address}")
         self.node.start()
         self.processor.node_name = self.node.name
         loop = self.node.loop

@@ -301,11 +301,17 @@ def test_sigterm_while_waiting_for_the_resolver_ends_cleanly(empty_config, tmp_p
     from tests.fixtures_b0 import free_port
     nobody = f"tcp://127.0.0.1:{free_port()}"   # no resolver: the announce waits, as in C++
     argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost")
-    process = PMProcess(argv, pm_environment({"B0_RESOLVER": nobody}), tmp_path / "pm.log")
+    notify = notification_socket(tmp_path / "notify")
+    process = PMProcess(argv, pm_environment({"B0_RESOLVER": nobody}, NOTIFY_SOCKET=str(tmp_path / "notify")),
+                        tmp_path / "pm.log")
     try:
-        time.sleep(1.5)
+        waiting = notifications_until(notify, b"STATUS=announcing")[-1]
+        assert waiting == f"STATUS=announcing process_manager@localhost to the resolver at {nobody}".encode()
+        time.sleep(0.5)
         assert process.process.poll() is None, process.log()
         assert process.terminate(timeout=10) == 0
         assert "Interrupted while starting" in process.log()
+        notifications_until(notify, b"STOPPING=1", timeout=1)
     finally:
         process.kill()
+        notify.close()
