@@ -5,6 +5,9 @@ which shares the host's network namespace, so the resolver and the b0-pm
 commands run on the host, as a user's would.
 """
 
+import json
+import os
+import select
 import signal
 import subprocess
 import time
@@ -39,8 +42,7 @@ def journal_pm(systemd_sandbox):
 
 
 def start_shell(env, script):
-    # The pause lets systemd's own "Started <unit>" line come before the program's output.
-    done = run(env, "start", SHELL, "-c", "sleep 0.5; " + script)
+    done = run(env, "start", SHELL, "-c", script)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
 
@@ -49,34 +51,40 @@ def test_logs_prints_the_last_lines(journal_pm):
     pid = start_shell(journal_pm, "for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2; exec sleep 600")
     try:
         wait_for(lambda: "oops" in run(journal_pm, "logs", str(pid)).stdout, "the lines did not reach the journal")
-        done = run(journal_pm, "logs", str(pid))
+        done = run(journal_pm, "logs", "-n", "100", str(pid))
         assert (done.returncode, done.stderr) == (0, "")
-        assert done.stdout.endswith("\nline 1\nline 2\nline 3\nline 4\nline 5\noops\n")
+        assert "\nline 1\nline 2\nline 3\nline 4\nline 5\noops\n" in "\n" + done.stdout
+        last_two = done.stdout.splitlines()[-2:]
         done = run(journal_pm, "logs", "-n", "2", str(pid))
-        assert (done.returncode, done.stdout) == (0, "line 5\noops\n")
+        assert (done.returncode, done.stdout.splitlines()) == (0, last_two)
         done = run(journal_pm, "logs", "-n", "1", "--json", str(pid))
-        assert (done.returncode, done.stdout) == (0, '{"get_log":{"success":true,"lines":["oops"]}}\n')
+        assert done.returncode == 0
+        assert json.loads(done.stdout) == {"get_log": {"success": True, "lines": last_two[-1:]}}
     finally:
         run(journal_pm, "stop", str(pid))
 
 
 def follow(env, pid, count, timeout=20):
-    """Run logs -f until it has printed count lines, then Ctrl-C it; returns (lines, exit status)."""
+    """Run logs -f until it has printed count lines or timeout passed, then Ctrl-C it.
+
+    Returns (lines, exit status).
+    """
     wait_for(lambda: run(env, "logs", "-n", "1", str(pid)).stdout.startswith(("n ", "tick")),
              "the program's first line did not reach the journal")
-    process = subprocess.Popen([*B0PM, "logs", "-f", "-n", "1", str(pid)], env=env, text=True,
+    process = subprocess.Popen([*B0PM, "logs", "-f", "-n", "1", str(pid)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        lines = []
+        output = b""
         deadline = time.monotonic() + timeout
-        while len(lines) < count and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
+        while output.count(b"\n") < count and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 0.1)[0]:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
         process.send_signal(signal.SIGINT)
         process.wait(10)
-        return lines, process.returncode
+        return output.decode().splitlines()[:count], process.returncode
     finally:
         if process.poll() is None:
             process.kill()
@@ -102,5 +110,25 @@ def test_logs_follow_keeps_identical_lines(journal_pm):
         lines, status = follow(journal_pm, pid, 20)
         assert status == 0
         assert lines == ["tick"] * 20
+    finally:
+        run(journal_pm, "stop", str(pid))
+
+
+def test_logs_follow_into_a_reader_that_stops(journal_pm):
+    # `b0-pm logs -f PID | head -n 3`: once head has its lines, logs ends quietly with status 0.
+    pid = start_shell(journal_pm, "while :; do echo tick; sleep 0.1; done")
+    try:
+        process = subprocess.Popen([*B0PM, "logs", "-f", str(pid)], env=journal_pm,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for _ in range(3):
+                assert process.stdout.readline()
+            process.stdout.close()
+            assert process.wait(10) == 0
+            assert process.stderr.read() == b""
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     finally:
         run(journal_pm, "stop", str(pid))

@@ -8,6 +8,7 @@ failed, 2 usage error, 3 no answer within --timeout.
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -244,18 +245,30 @@ def run_one(args, operation, describe_reply, failures=None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return reader_went_away()
     if reply is None:
         return EXIT_OK
-    if args.json:
-        print_json(reply.raw)
-    else:
-        text = describe_reply(reply)
-        if text:
-            print(text)
+    try:
+        if args.json:
+            print_json(reply.raw)
+        else:
+            text = describe_reply(reply)
+            if text:
+                print(text, flush=True)
+    except BrokenPipeError:
+        return reader_went_away()
     problems = failures(reply) if failures else []
     for problem in problems:
         print(f"{command}: {problem}", file=sys.stderr)
     return EXIT_REFUSED if problems else EXIT_OK
+
+
+def reader_went_away() -> int:
+    """`b0-pm logs -f | head`: the reader has all it wanted; end quietly, as cat does."""
+    # Python would otherwise complain again when it flushes stdout at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
 
 
 def no_answer_hint(service: str) -> str:
