@@ -91,7 +91,7 @@ def test_pm_request_accepts(document):
 @pytest.mark.parametrize("document", [
     [],
     {"start_process": {"path": "/a"}},
-    {"start_process": {"path": "a", "args": []}},
+    {"start_process": {"path": "", "args": []}},
     {"start_process": {"path": "/a\u0000b", "args": []}},
     {"start_process": {"path": "/a", "args": ["x\u0000"]}},
     {"start_process": {"path": "/a", "args": [1]}},
