@@ -272,7 +272,7 @@ def test_select_backend_picks_the_system_manager_as_root(systemd_sandbox):
     assert "process backend: the systemd system manager\n" in result.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def user_manager(systemd_sandbox):
     """A lingering user with its own systemd --user manager in the sandbox: (uid, gid)."""
     systemd_sandbox.exec(["sh", "-c", "id b0pmuser >/dev/null 2>&1 || useradd --create-home b0pmuser"])
