@@ -52,6 +52,13 @@ def _alive_with(marker: str) -> list[str]:
     return [line.split()[0] for line in result.stdout.splitlines() if line.split()[-1] == marker]
 
 
+def _wait_until(condition, seconds=5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def _stop_leftovers(marker: str) -> None:
     for pid in _alive_with(marker):
         os.kill(int(pid), signal.SIGKILL)
@@ -108,7 +115,7 @@ def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(start_driver
     record = backend.call("start", path="/bin/sh",
                           args=["-c", f"trap '' INT TERM; sleep {marker} & while :; do sleep 0.05; done"])
     try:
-        time.sleep(0.2)   # let the shell install its traps
+        _wait_until(lambda: len(_alive_with(marker)) == 1)   # the traps are set before the `&` job starts
         stopped_at = time.monotonic()
         assert backend.call("stop", pid=record["pid"])["stop_requested"]
         ended = backend.call("wait_exit", pid=record["pid"], seconds=10)
@@ -127,11 +134,9 @@ def test_stop_ends_grandchildren_that_outlive_a_clean_exit(start_driver, marker)
     script = f"sleep {marker} & trap 'exit 0' INT; while :; do sleep 0.05; done"
     record = backend.call("start", path="/bin/sh", args=["-c", script])
     try:
-        time.sleep(0.3)
-        assert len(_alive_with(marker)) == 1
+        _wait_until(lambda: len(_alive_with(marker)) == 1)
         backend.call("stop", pid=record["pid"])
         assert backend.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == 0
-        assert len(_alive_with(marker)) == 1   # until the SIGTERM step, 0.5 s after SIGINT
         backend.call("run", seconds=1.0)
         assert _alive_with(marker) == []
     finally:

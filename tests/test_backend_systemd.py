@@ -150,10 +150,12 @@ def test_arguments_reach_the_program_verbatim_and_output_is_in_the_journal(drive
 
 
 @both_pystemds
-def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(drivers, python):
+def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(drivers, python, systemd_sandbox):
     backend = drivers.start(python)
-    record = backend.call("start", path="/bin/sh", args=["-c", "trap '' INT TERM; while :; do sleep 0.05; done"])
-    time.sleep(0.2)   # let the shell install its traps
+    marker = "1009" if python == VENV_PYTHON else "1010"
+    script = f"trap '' INT TERM; sleep {marker} & while :; do sleep 0.05; done"
+    record = backend.call("start", path="/bin/sh", args=["-c", script])
+    _wait_until(lambda: marker in _sleepers(systemd_sandbox))   # the traps are set before the `&` job starts
     stopped_at = time.monotonic()
     assert backend.call("stop", pid=record["pid"])["stop_requested"]
     ended = backend.call("wait_exit", pid=record["pid"], seconds=10)
@@ -162,23 +164,29 @@ def test_the_ladder_kills_a_program_that_ignores_sigint_and_sigterm(drivers, pyt
 
 
 def test_stop_ends_grandchildren_that_outlive_a_clean_exit(drivers, systemd_sandbox):
-    backend = drivers.start()
+    backend = drivers.start(stop_ladder=[[signal.SIGINT, 2.0], [signal.SIGTERM, 0.5], [signal.SIGKILL, 0.0]])
     # the shell exits 0 on SIGINT, which leaves its unit "active (exited)" with the `&` job still
     # in its cgroup; a non-interactive shell starts that job with SIGINT ignored, so only the
     # ladder's next step (SIGTERM to the whole cgroup) ends it, not systemd
-    script = "sleep 1001 & trap 'exit 0' INT; while :; do sleep 0.05; done"
+    script = "trap 'exit 0' INT; sleep 1001 & while :; do sleep 0.05; done"
     record = backend.call("start", path="/bin/sh", args=["-c", script])
-    time.sleep(0.3)
-    assert "1001" in _sleepers(systemd_sandbox)
+    _wait_until(lambda: "1001" in _sleepers(systemd_sandbox))
     backend.call("stop", pid=record["pid"])
     assert backend.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == 0
     assert drivers.sub_states()[record["unit"]] == "exited"
-    assert "1001" in _sleepers(systemd_sandbox)   # until the SIGTERM step, 0.5 s after SIGINT
-    backend.call("run", seconds=1.0)
+    assert "1001" in _sleepers(systemd_sandbox)   # until the SIGTERM step, 2 s after SIGINT
+    backend.call("run", seconds=2.5)
     assert "1001" not in _sleepers(systemd_sandbox)
     assert backend.call("stop", pid=record["pid"])["running"] is False   # stopping an ended pid is fine
     with pytest.raises(DriverError, match="NotManaged"):
         backend.call("stop", pid=999999)
+
+
+def _wait_until(condition, seconds=5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _sleepers(sandbox) -> list[str]:
@@ -211,7 +219,7 @@ def test_an_exit_while_no_pm_runs_is_found_by_adopt(drivers, systemd_sandbox):
     record = backend.call("start", path="/bin/sleep", args=["1004"])
     drivers.kill(backend)   # nobody listens while it ends
     systemd_sandbox.exec(["systemctl", "kill", "--signal=SIGTERM", record["unit"]])
-    time.sleep(0.3)
+    _wait_until(lambda: drivers.sub_states()[record["unit"]] == "exited")   # SIGTERM counts as clean
     successor = drivers.start()
     [adopted] = successor.call("adopt")
     assert (adopted["running"], adopted["exit_code"]) == (False, -signal.SIGTERM)

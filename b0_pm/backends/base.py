@@ -19,6 +19,13 @@ DEFAULT_RETENTION_S = 600.0
 DEFAULT_STOP_LADDER = ((signal.SIGINT, 5.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0))
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class StartError(Exception):
     """The program could not be started; str() is a sentence for the reply."""
 
@@ -168,6 +175,10 @@ class Backend:
     # -- shared helpers for subclasses -------------------------------------
 
     def _track(self, record: ProcessRecord, handle) -> TrackedProcess:
+        previous = self._table.get(record.pid)
+        if previous is not None:
+            # the pid was reused: the older run's exit record gives way (and its unit is released)
+            self._collect(previous)
         tracked = TrackedProcess(record=record, handle=handle)
         self._table[record.pid] = tracked
         if not record.running:
@@ -191,10 +202,10 @@ class Backend:
             tracked.stopping = None
             return
         if stopping.next_step >= len(self.stop_ladder):
-            tracked.stopping = None   # the last signal was SIGKILL-final; nothing more to send
+            tracked.stopping = None   # every step was taken; what SIGKILL leaves is not ours to fix
             return
         signum, wait_s = self.stop_ladder[stopping.next_step]
-        log.info("sending %s to the tree of process %d", signal.Signals(signum).name, tracked.record.pid)
+        log.info("sending %s to the tree of process %d", _signal_name(signum), tracked.record.pid)
         self._signal_tree(tracked, signum)
         stopping.next_step += 1
         stopping.due = now + wait_s

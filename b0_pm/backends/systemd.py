@@ -42,13 +42,8 @@ UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 # waitid si_code values as systemd reports them in ExecMainCode
 CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
 
-# systemd's own exit statuses for a child that failed before running the program
-SETUP_FAILURES = {
-    200: "cannot change to the working directory",
-    203: None,   # the exec itself: worded from the file, see describe_exec_failure()
-    216: "the group cannot be used",
-    217: "the user cannot be used",
-}
+# systemd's own exit statuses for a child that failed before it could exec the program
+EXIT_EXEC, EXIT_GROUP, EXIT_USER = 203, 216, 217
 SETUP_FAILURE_RANGE = range(200, 256)
 
 SIGNAL_MATCHES = (
@@ -216,14 +211,17 @@ class SystemdBackend(Backend):
             result = self._wait_for_job(job)
             service = self._starting[unit.path]
             if b"ExecMainPID" not in service or b"ExecMainCode" not in service:
-                service = self._service_properties(unit.path)
+                service = self._read_service_or_none(unit.path) or {}
         finally:
             self._starting.pop(unit.path, None)
-        pid, code, status = service[b"ExecMainPID"], service[b"ExecMainCode"], service[b"ExecMainStatus"]
+        pid, code, status = (service.get(key, 0) for key in (b"ExecMainPID", b"ExecMainCode", b"ExecMainStatus"))
         if result != b"done" and (pid == 0 or (code == CLD_EXITED and status in SETUP_FAILURE_RANGE)):
             self._discard_failed_unit(unit)
             raise StartError(self._start_failure_sentence(path, user, group, result, status))
-        unit.invocation_id = self._invocation_id(unit.path)
+        try:
+            unit.invocation_id = self._invocation_id(unit.path)
+        except DBusError:
+            pass   # the unit ended and was collected already; nothing will be signalled
         record = ProcessRecord(pid=pid, path=path, args=list(args), unit=name,
                                started_at=service.get(b"ExecMainStartTimestamp", 0) / 1e6 or time.time())
         tracked = self._track(record, unit)
@@ -256,15 +254,14 @@ class SystemdBackend(Backend):
         finally:
             self._awaited_job = None
 
-    def _start_failure_sentence(self, path, user, group, result, status) -> str:
-        if status == 203:
+    @staticmethod
+    def _start_failure_sentence(path, user, group, result: bytes, status: int) -> str:
+        if status == EXIT_EXEC:
             return f"cannot execute {path}: {describe_exec_failure(path)}"
-        if status == 217:
-            return f"cannot run {path} as user {user!r}: {SETUP_FAILURES[217]}"
-        if status == 216:
-            return f"cannot run {path} as group {group!r}: {SETUP_FAILURES[216]}"
-        if status in SETUP_FAILURES:
-            return f"cannot start {path}: {SETUP_FAILURES[status]}"
+        if status == EXIT_USER:
+            return f"cannot run {path} as user {user!r}: the user cannot be used"
+        if status == EXIT_GROUP:
+            return f"cannot run {path} as group {group!r}: the group cannot be used"
         if status in SETUP_FAILURE_RANGE:
             return f"cannot start {path}: systemd failed to set up the process (status {status})"
         return f"cannot start {path}: the systemd job ended with '{result.decode()}'"
@@ -332,7 +329,8 @@ class SystemdBackend(Backend):
     def adopt(self) -> list[ProcessRecord]:
         adopted = []
         known = {tracked.handle.path for tracked in self._table.values()}
-        for entry in self._our_units():
+        # ended runs first: should a running program have reused a pid, its record wins
+        for entry in sorted(self._our_units(), key=lambda entry: entry[4] == b"running"):
             name, unit_path = entry[0].decode(), entry[6]
             if unit_path in known:
                 continue
