@@ -276,7 +276,8 @@ def no_answer_hint(service: str) -> str:
     if service.startswith("the resolver"):
         return "is the resolver running (b0-resolver.service), and is --resolver or $B0_RESOLVER right?"
     if service == HUB_SERVICE:
-        return "is the HUB running (b0-pm-hub.service)?"
+        # A HUB waiting on a dead PM answers only after its forward timeout (default 3 s).
+        return "is the HUB running (b0-pm-hub.service), and does the host's process manager answer it?"
     return "is the process manager running (b0-pm@HOST.service), and is the host id ($B0_HOST_ID) right?"
 
 
