@@ -68,11 +68,11 @@ def pm(resolver, programs, empty_config, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pm")
     notify = notification_socket(workdir / "notify")
     argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", HOST_ID,
-                      "--allowed-directory", os.path.dirname(programs["exit0"]),
+                      "--allow", os.path.dirname(programs["exit0"]),
                       "--stop-signal-grace-seconds", str(LADDER_STEP_S),
-                      "--term-grace-seconds", str(LADDER_STEP_S))
+                      "--term-grace-seconds", str(LADDER_STEP_S), "--log-level", "info")
     env = pm_environment(resolver.env, NOTIFY_SOCKET=str(workdir / "notify"),
-                         WATCHDOG_USEC=str(WATCHDOG_USEC))
+                         WATCHDOG_USEC=str(WATCHDOG_USEC), B0_CONSOLE_LOGLEVEL="warn")
     process = PMProcess(argv, env, workdir / "pm.log")
     control = listener = None
     try:
@@ -189,7 +189,7 @@ def process_alive(pid: int) -> bool:
 
 
 def test_children_get_the_b0_environment(pm, programs, tmp_path, resolver):
-    _, control, _, _ = pm
+    process, control, _, _ = pm
     dump = tmp_path / "env"
     pid = control.start_pid(programs["env_dump"], str(dump))
     assert control.wait_exit(pid)["exit_code"] == 0
@@ -197,6 +197,8 @@ def test_children_get_the_b0_environment(pm, programs, tmp_path, resolver):
     assert environment["B0_RESOLVER"] == resolver.address
     assert environment["B0_HOST_ID"] == HOST_ID
     assert "NOTIFY_SOCKET" not in environment and "WATCHDOG_USEC" not in environment
+    assert environment["B0_CONSOLE_LOGLEVEL"] == "info", "--log-level wins over the environment"
+    assert f"Process {pid} ({programs['env_dump']}) started." in process.log()
 
 
 @pytest.mark.parametrize("what, payload, content_type", CRASH_REQUESTS, ids=[r[0] for r in CRASH_REQUESTS])

@@ -46,6 +46,9 @@ def run(args) -> int:
         print("b0-pm serve: --daemon refused: this runs under systemd, which expects the service in "
               "the foreground (Type=notify); drop --daemon", file=sys.stderr)
         return EXIT_USAGE
+    if args.config_log_level is not None:
+        # precedence: --log-level, then $B0_CONSOLE_LOGLEVEL (as for C++ nodes), then the file
+        os.environ["B0_CONSOLE_LOGLEVEL"] = args.config_log_level
     # the daemon changes directory to /, so relative paths are made absolute first
     log_file = os.path.abspath(args.log_file) if args.log_file else None
     if not args.daemon:
@@ -76,7 +79,7 @@ def serve(cfg, *, log_file: str | None = None, use_syslog: bool = False) -> int:
     from b0_pm.manager import ProcessManager, resolve_host_id
     from b0_pm.notify import Notifier
 
-    # the node's console logger reads the b0 variable; the environment wins over the file, as for C++ nodes
+    # the node's console logger reads the b0 variable; launched nodes inherit it
     os.environ.setdefault("B0_CONSOLE_LOGLEVEL", cfg.log_level)
     try:
         level = console_level(os.environ["B0_CONSOLE_LOGLEVEL"])
