@@ -20,6 +20,7 @@ SYSLOG_PRIORITIES = (
     (logging.INFO, 6),
 )
 DEBUG_PRIORITY = 7
+SYSLOG_SOCKET = "/dev/log"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(name)s: %(message)s"
 
@@ -64,7 +65,7 @@ def setup_logging(level: str | int = "INFO", *, log_file: str | None = None,
         handler = logging.handlers.WatchedFileHandler(log_file)
         handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     elif use_syslog:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
         handler.ident = f"{ident}[{os.getpid()}]: "
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     elif stderr_is_journal():

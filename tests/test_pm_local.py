@@ -317,3 +317,10 @@ def test_sigterm_while_waiting_for_the_resolver_ends_cleanly(empty_config, tmp_p
     finally:
         process.kill()
         notify.close()
+
+
+@pytest.mark.skipif(os.path.exists("/dev/log"), reason="this host has a syslog socket")
+def test_daemon_without_syslog_needs_a_log_file(empty_config):
+    done = subprocess.run(serve_argv(python_executable(), empty_config, "--daemon"), env=pm_environment({}),
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--log-file" in done.stderr

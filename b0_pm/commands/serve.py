@@ -53,6 +53,12 @@ def run(args) -> int:
     log_file = os.path.abspath(args.log_file) if args.log_file else None
     if not args.daemon:
         return serve(cfg, log_file=log_file)
+    from b0_pm.logsetup import SYSLOG_SOCKET
+
+    if log_file is None and not os.path.exists(SYSLOG_SOCKET):
+        print(f"b0-pm serve: --daemon logs to syslog, but {SYSLOG_SOCKET} does not exist here; "
+              f"give --log-file FILE", file=sys.stderr)
+        return EXIT_USAGE
     return serve_daemonized(cfg, log_file=log_file,
                             pidfile=os.path.abspath(args.pidfile) if args.pidfile else None)
 
