@@ -3,13 +3,15 @@ another process (inside the systemd sandbox, or to be killed with SIGKILL).
 
 Run:  python backend_driver.py '{"kind": "systemd"|"systemd-user"|"local",
                                  "instance": "...", "retention_s": 600,
-                                 "stop_ladder": [[2, 5.0], [15, 5.0], [9, 0.0]]}'
+                                 "stop_ladder": [[2, 5.0], [15, 5.0], [9, 0.0]],
+                                 "reconcile_interval_s": 2.0}'
 Then one JSON request per line on stdin, one JSON answer per line on stdout:
   {"op": "start", "path": ..., "args": [...], "environment": {...}, "user": null}
   {"op": "stop"|"status", "pid": N}     {"op": "running"}     {"op": "adopt"}
   {"op": "wait_exit", "pid": N, "seconds": S}   run the loop until N has ended (at most S)
   {"op": "run", "seconds": S}                    run the loop (ladders, retention)
   {"op": "ended"}                                records ended so far (and forget them)
+  {"op": "lose_signals"}                         systemd: drop the signal matches (tests reconciliation)
   {"op": "close", "stop_all": bool}
 Answers: {"ok": true, "result": ...} or {"ok": false, "error": "<class>", "message": "..."}.
 Between requests the loop keeps serving the backend (fileno, process_events, tick).
@@ -44,6 +46,8 @@ class Driver:
             self.backend = LocalBackend(**options)
         else:
             from b0_pm.backends.systemd import SystemdBackend
+            if "reconcile_interval_s" in config:
+                options["reconcile_interval_s"] = config["reconcile_interval_s"]
             self.backend = SystemdBackend(config["instance"], user_mode=config["kind"] == "systemd-user",
                                           **options)
         self.ended = []
@@ -86,6 +90,13 @@ class Driver:
         if op == "ended":
             ended, self.ended = self.ended, []
             return ended
+        if op == "lose_signals":
+            # what a broker that dropped our match rules would do: only reconciliation sees exits now
+            from b0_pm.backends.systemd import SIGNAL_MATCHES
+            for rule in SIGNAL_MATCHES:
+                backend._signals.call_method(b"org.freedesktop.DBus", b"/org/freedesktop/DBus",
+                                             b"org.freedesktop.DBus", b"RemoveMatch", [(ord("s"), rule)])
+            return None
         if op == "close":
             backend.close(request["stop_all"])
             return None

@@ -214,6 +214,16 @@ def test_a_new_backend_adopts_running_units_and_exit_records_after_a_kill_9(driv
     assert (ended["exit_code"], ended["signal"]) == (-signal.SIGINT, signal.SIGINT)
 
 
+def test_reconciliation_finds_an_exit_whose_signal_never_came(drivers, systemd_sandbox):
+    backend = drivers.start(reconcile_interval_s=0.5)
+    record = backend.call("start", path="/bin/sleep", args=["1011"])
+    backend.call("lose_signals")
+    systemd_sandbox.exec(["systemctl", "kill", "--signal=SIGUSR2", record["unit"]])
+    ended = backend.call("wait_exit", pid=record["pid"], seconds=3)
+    assert (ended["running"], ended["exit_code"]) == (False, -signal.SIGUSR2)
+    assert [r["pid"] for r in backend.call("ended")] == [record["pid"]]
+
+
 def test_an_exit_while_no_pm_runs_is_found_by_adopt(drivers, systemd_sandbox):
     backend = drivers.start()
     record = backend.call("start", path="/bin/sleep", args=["1004"])
