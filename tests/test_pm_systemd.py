@@ -7,11 +7,12 @@ Pids in replies are the container's. One PM serves the whole module."""
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.fixtures_b0 import REPO_ROOT, resolver_request, start_resolver
+from tests.fixtures_b0 import REPO_ROOT, free_port, resolver_request, start_resolver
 from tests.test_pm_support import (CRASH_REQUESTS, Control, TopicListener, assert_error_reply, resolve,
                                    write_test_programs)
 
@@ -278,3 +279,38 @@ def test_pm_on_debians_python_stack_under_systemd(sandbox_pm, resolver):
                      ["systemctl", "stop", unit, "b0pm-localhost-*"],
                      ["systemctl", "reset-failed", unit, "b0pm-localhost-*"]):
             sandbox.exec(argv, check=False)
+
+
+def test_up_uses_the_system_manager_and_takes_its_units_down(systemd_sandbox):
+    """`b0-pm up` inside the container picks the systemd system manager by itself."""
+    port = free_port()
+    up = systemd_sandbox.popen([VENV_PYTHON, "-m", "b0_pm", "up", "--port", str(port), "--for", "30"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    control = None
+    try:
+        printed = []
+        for line in up.stdout:
+            printed.append(line)
+            if line.strip() == "Ctrl-C stops everything.":
+                break
+        assert printed and printed[-1].strip() == "Ctrl-C stops everything.", "".join(printed)
+        assert "process backend: the systemd system manager" in "".join(printed)
+        service = "process_manager@localhost/control"
+        address = resolve(f"tcp://127.0.0.1:{port}", service).replace("localhost", "127.0.0.1")
+        control = Control(address, service)
+        pid = control.start_pid("/usr/bin/sleep", "300")
+        unit = systemd_sandbox.exec(["ps", "-o", "unit=", "-p", str(pid)]).stdout.strip()
+        assert unit.startswith("b0pm-localhost-")
+        systemd_sandbox.signal_daemon(up, signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+        state = systemd_sandbox.exec(["systemctl", "show", "-p", "SubState", "--value", unit]).stdout.strip()
+        assert state in ("exited", "dead", "failed", ""), state   # no longer running
+    finally:
+        if control is not None:
+            control.close()
+        systemd_sandbox.signal_daemon(up, signal.SIGKILL)
+        up.wait(timeout=10)
+        for argv in (["systemctl", "kill", "--signal=SIGKILL", "b0pm-localhost-*"],
+                     ["systemctl", "stop", "b0pm-localhost-*"],
+                     ["systemctl", "reset-failed", "b0pm-localhost-*"]):
+            systemd_sandbox.exec(argv, check=False)
