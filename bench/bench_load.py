@@ -323,12 +323,13 @@ while True:
 class Rig:
     """A resolver, one local-backend PM (and optionally a HUB), each a process stopped by pid."""
 
-    def __init__(self, workdir: Path, *, hub: bool = False, log_level: str = "warn"):
+    def __init__(self, workdir: Path, *, hub: bool = False, log_level: str = "warn",
+                 resolver_heartbeat_us: int = 30_000_000):
         self.workdir = Path(workdir)
         self.processes: list[subprocess.Popen] = []
         self.pm = None
         self.raw = None
-        self.resolver = start_resolver()
+        self.resolver = start_resolver(heartbeat_interval_us=resolver_heartbeat_us)
         try:
             bin_dir = self.workdir / "bin"
             bin_dir.mkdir(exist_ok=True)
