@@ -49,10 +49,12 @@ def time_raw_pystemd(starts: int) -> list[float]:
         manager = Manager(bus=bus)
         manager.load()
         for number in range(starts):
-            properties = {b"Description": b"bench", b"ExecStart": [(PROGRAM[0].encode(), [p.encode() for p in PROGRAM], False)],
+            argv = [arg.encode() for arg in PROGRAM]
+            properties = {b"Description": b"bench", b"ExecStart": [(argv[0], argv, False)],
                           b"Type": b"exec", b"Slice": b"b0pm-benchraw.slice"}
             began = time.perf_counter()
-            manager.Manager.StartTransientUnit(f"b0pm-benchraw-{number}.service".encode(), b"fail", properties)
+            name = f"b0pm-benchraw-{number}.service".encode()
+            manager.Manager.StartTransientUnit(name, b"fail", properties)
             samples.append(time.perf_counter() - began)
     return samples
 

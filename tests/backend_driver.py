@@ -69,7 +69,8 @@ class Driver:
         op = request["op"]
         backend = self.backend
         if op == "start":
-            record = backend.start(request["path"], request["args"], environment=request.get("environment", {}),
+            record = backend.start(request["path"], request["args"],
+                                   environment=request.get("environment", {}),
                                    user=request.get("user"), group=request.get("group"))
             self.ended.extend(backend.process_events())   # start() may have read other exits
             return record

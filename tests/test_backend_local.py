@@ -64,14 +64,19 @@ def _stop_leftovers(marker: str) -> None:
         os.kill(int(pid), signal.SIGKILL)
 
 
-def test_exit_codes_and_death_by_signal(start_driver):
+def test_exit_codes_and_death_by_signal(start_driver, tmp_path):   # tmp_path: where the core goes
     backend = start_driver()
-    cases = {("-c", "exit 0"): (0, None), ("-c", "exit 3"): (3, None),
-             ("-c", "sleep 0.2; exit 4"): (4, None), ("-c", "kill -USR1 $$"): (-signal.SIGUSR1, signal.SIGUSR1)}
+    # (running, exit_code, signal, core_dumped) expected for each sh -c script
+    cases = {("-c", "exit 0"): (False, 0, None, False), ("-c", "exit 3"): (False, 3, None, False),
+             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False),
+             ("-c", "kill -USR1 $$"): (False, -signal.SIGUSR1, signal.SIGUSR1, False),
+             ("-c", f"cd {tmp_path}; ulimit -c unlimited; kill -SEGV $$"):
+                 (False, -signal.SIGSEGV, signal.SIGSEGV, True)}
     pids = {args: backend.call("start", path="/bin/sh", args=list(args))["pid"] for args in cases}
-    for args, (exit_code, killed_by) in cases.items():
+    for args, expected in cases.items():
         record = backend.call("wait_exit", pid=pids[args], seconds=10)
-        assert (record["running"], record["exit_code"], record["signal"]) == (False, exit_code, killed_by), args
+        outcome = (record["running"], record["exit_code"], record["signal"], record["core_dumped"])
+        assert outcome == expected, args
         assert record["unit"] is None and record["ended_at"] >= record["started_at"] > 0
     assert backend.call("running") == []
     assert sorted(r["pid"] for r in backend.call("ended")) == sorted(pids.values())
@@ -87,7 +92,8 @@ def test_start_failures_raise_start_error(start_driver, tmp_path):
     backend = start_driver()
     failures = {"/nonexistent/program": "cannot execute /nonexistent/program: no such file or directory",
                 str(not_executable): f"cannot execute {not_executable}: permission denied (not executable)",
-                str(bad_interpreter): f"cannot execute {bad_interpreter}: exec format error or missing interpreter",
+                str(bad_interpreter):
+                    f"cannot execute {bad_interpreter}: exec format error or missing interpreter",
                 str(tmp_path): f"cannot execute {tmp_path}: is a directory",
                 "bin/sleep": "cannot execute bin/sleep: the path must be absolute"}
     for path, sentence in failures.items():
@@ -102,7 +108,8 @@ def test_start_failures_raise_start_error(start_driver, tmp_path):
 def test_the_environment_is_exactly_the_one_given(start_driver, tmp_path):
     backend = start_driver()
     out = tmp_path / "env"
-    record = backend.call("start", path="/bin/sh", args=["-c", f'env > {out}; printf "%s" "$1" >> {out}', "sh", "$HOME"],
+    script = f'env > {out}; printf "%s" "$1" >> {out}'
+    record = backend.call("start", path="/bin/sh", args=["-c", script, "sh", "$HOME"],
                           environment={"B0_HOST_ID": "arm1"})
     assert backend.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == 0
     lines = out.read_text().splitlines()

@@ -4,6 +4,7 @@
 import json
 import signal
 import subprocess
+import textwrap
 import time
 
 import pytest
@@ -100,12 +101,16 @@ def test_start_creates_a_unit_with_the_expected_properties(drivers):
 @both_pystemds
 def test_exit_codes_and_death_by_signal(drivers, python):
     backend = drivers.start(python)
-    cases = {("-c", "exit 0"): (0, None), ("-c", "exit 3"): (3, None),
-             ("-c", "sleep 0.2; exit 4"): (4, None), ("-c", "kill -USR1 $$"): (-signal.SIGUSR1, signal.SIGUSR1)}
+    # (running, exit_code, signal, core_dumped) expected for each sh -c script
+    cases = {("-c", "exit 0"): (False, 0, None, False), ("-c", "exit 3"): (False, 3, None, False),
+             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False),
+             ("-c", "kill -USR1 $$"): (False, -signal.SIGUSR1, signal.SIGUSR1, False),
+             ("-c", "ulimit -c unlimited; kill -SEGV $$"): (False, -signal.SIGSEGV, signal.SIGSEGV, True)}
     pids = {args: backend.call("start", path="/bin/sh", args=list(args))["pid"] for args in cases}
-    for args, (exit_code, killed_by) in cases.items():
+    for args, expected in cases.items():
         record = backend.call("wait_exit", pid=pids[args], seconds=10)
-        assert (record["running"], record["exit_code"], record["signal"]) == (False, exit_code, killed_by), args
+        outcome = (record["running"], record["exit_code"], record["signal"], record["core_dumped"])
+        assert outcome == expected, args
         assert record["ended_at"] >= record["started_at"] > 0
     assert backend.call("running") == []
     assert sorted(r["pid"] for r in backend.call("ended")) == sorted(pids.values())
@@ -113,12 +118,15 @@ def test_exit_codes_and_death_by_signal(drivers, python):
 
 @both_pystemds
 def test_exec_failures_raise_start_error_and_leave_no_unit(drivers, python, systemd_sandbox):
-    systemd_sandbox.exec(["sh", "-c", "printf 'echo\\n' > /var/tmp/not-executable; chmod 644 /var/tmp/not-executable;"
-                          "printf '#!/nonexistent/interpreter\\n' > /var/tmp/bad-interpreter;"
-                          "chmod 755 /var/tmp/bad-interpreter"])
+    make_files = """
+        printf 'echo\\n' > /var/tmp/not-executable; chmod 644 /var/tmp/not-executable
+        printf '#!/nonexistent/interpreter\\n' > /var/tmp/bad-interpreter; chmod 755 /var/tmp/bad-interpreter
+    """
+    systemd_sandbox.exec(["sh", "-c", make_files])
     backend = drivers.start(python)
     failures = {"/nonexistent/program": "cannot execute /nonexistent/program: no such file or directory",
-                "/var/tmp/not-executable": "cannot execute /var/tmp/not-executable: permission denied (not executable)",
+                "/var/tmp/not-executable":
+                    "cannot execute /var/tmp/not-executable: permission denied (not executable)",
                 "/var/tmp/bad-interpreter":
                     "cannot execute /var/tmp/bad-interpreter: exec format error or missing interpreter",
                 "/etc": "cannot execute /etc: is a directory",
@@ -281,10 +289,16 @@ def test_a_unit_stopped_by_an_administrator_is_reported_and_later_forgotten(driv
 
 
 def test_select_backend_picks_the_system_manager_as_root(systemd_sandbox):
-    script = ("import logging, sys; sys.path.insert(0, sys.argv[1]); from b0_pm.backends import select_backend\n"
-              "logging.basicConfig(level=logging.INFO)\n"
-              "for prefer in (None, 'local'):\n"
-              "    backend = select_backend('sel', prefer); print(type(backend).__name__); backend.close(False)")
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.path.insert(0, sys.argv[1])
+        from b0_pm.backends import select_backend
+        logging.basicConfig(level=logging.INFO)
+        for prefer in (None, "local"):
+            backend = select_backend("sel", prefer)
+            print(type(backend).__name__)
+            backend.close(False)
+    """)
     result = systemd_sandbox.exec([VENV_PYTHON, "-c", script, str(REPO)])
     assert result.stdout.split() == ["SystemdBackend", "LocalBackend"]
     assert "process backend: the systemd system manager\n" in result.stderr
@@ -311,7 +325,8 @@ def test_user_mode_runs_programs_in_the_user_manager(drivers, systemd_sandbox, u
     # Debian's python3 (pystemd 0.11): the venv's interpreter lives under /root, out of a user's reach
     config = {"kind": "systemd-user", "instance": "usermode", "stop_ladder": SHORT_LADDER}
     process = systemd_sandbox.popen(
-        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", BOOKWORM_PYTHON, DRIVER, json.dumps(config)],
+        ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
+         BOOKWORM_PYTHON, DRIVER, json.dumps(config)],
         env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     drivers.processes.append(process)
     backend = DriverClient(process)
@@ -327,9 +342,15 @@ def test_user_mode_runs_programs_in_the_user_manager(drivers, systemd_sandbox, u
 
 def test_select_backend_picks_the_user_manager_when_not_root(systemd_sandbox, user_manager):
     uid, gid = user_manager
-    script = ("import logging, sys; sys.path.insert(0, sys.argv[1]); from b0_pm.backends import select_backend\n"
-              "logging.basicConfig(level=logging.INFO)\n"
-              "backend = select_backend('sel'); print(type(backend).__name__, backend.user_mode); backend.close(False)")
+    script = textwrap.dedent("""
+        import logging, sys
+        sys.path.insert(0, sys.argv[1])
+        from b0_pm.backends import select_backend
+        logging.basicConfig(level=logging.INFO)
+        backend = select_backend("sel")
+        print(type(backend).__name__, backend.user_mode)
+        backend.close(False)
+    """)
     result = systemd_sandbox.exec(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
                                    BOOKWORM_PYTHON, "-c", script, str(REPO)],
                                   env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"})

@@ -50,7 +50,9 @@ def _unavailable(kind: str, explicitly_asked: bool) -> str | None:
     if kind == "user":
         return _systemd_unavailable(user_mode=True)
     if kind == "local":
-        return None if hasattr(os, "pidfd_open") else "os.pidfd_open is missing (Linux 5.3+, Python 3.9+)"
+        if hasattr(os, "pidfd_open") and hasattr(os, "P_PIDFD"):
+            return None
+        return "pidfds are missing (needs Linux 5.4+ and Python 3.9+)"
     raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 

@@ -10,7 +10,7 @@ import os
 import signal
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class TrackedProcess:
     record: ProcessRecord
     stopping: _Stopping | None = None
     forget_at: float | None = None   # monotonic; set once the program has ended
-    handle: object = field(default=None)  # backend specific (unit info, Popen, pidfd)
+    handle: object = None   # backend specific: the unit (systemd), the Popen and pidfd (local)
 
 
 class Backend:

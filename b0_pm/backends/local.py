@@ -23,8 +23,6 @@ from b0_pm.backends.base import (Backend, ProcessRecord, StartError, TrackedProc
 
 log = logging.getLogger(__name__)
 
-CLD_EXITED, CLD_KILLED, CLD_DUMPED = os.CLD_EXITED, os.CLD_KILLED, os.CLD_DUMPED
-
 
 class _Child:
     def __init__(self, process: subprocess.Popen, pidfd: int):
@@ -76,11 +74,12 @@ class LocalBackend(Backend):
             self._epoll.unregister(pidfd)
             os.close(pidfd)
             del self._pid_by_pidfd[pidfd]
-            if result.si_code == CLD_EXITED:
+            if result.si_code == os.CLD_EXITED:
                 tracked.record.mark_exited(status=result.si_status)
                 tracked.handle.process.returncode = result.si_status
             else:
-                tracked.record.mark_exited(killed_by=result.si_status, core_dumped=result.si_code == CLD_DUMPED)
+                tracked.record.mark_exited(killed_by=result.si_status,
+                                           core_dumped=result.si_code == os.CLD_DUMPED)
                 tracked.handle.process.returncode = -result.si_status
             # Popen must not reap this pid again later: it could be another child's by then
             self._ended_now(tracked)

@@ -39,8 +39,8 @@ SERVICE = b"org.freedesktop.systemd1.Service"
 PROPERTIES = b"org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 
-# waitid si_code values as systemd reports them in ExecMainCode
-CLD_EXITED, CLD_KILLED, CLD_DUMPED = 1, 2, 3
+# waitid si_code values as systemd reports them in ExecMainCode (0: not ended, 2: killed)
+CLD_EXITED, CLD_DUMPED = 1, 3
 
 # systemd's own exit statuses for a child that failed before it could exec the program
 EXIT_EXEC, EXIT_GROUP, EXIT_USER = 203, 216, 217
@@ -214,7 +214,8 @@ class SystemdBackend(Backend):
                 service = self._read_service_or_none(unit.path) or {}
         finally:
             self._starting.pop(unit.path, None)
-        pid, code, status = (service.get(key, 0) for key in (b"ExecMainPID", b"ExecMainCode", b"ExecMainStatus"))
+        pid, code, status = (service.get(key, 0)
+                             for key in (b"ExecMainPID", b"ExecMainCode", b"ExecMainStatus"))
         if result != b"done" and (pid == 0 or (code == CLD_EXITED and status in SETUP_FAILURE_RANGE)):
             self._discard_failed_unit(unit)
             raise StartError(self._start_failure_sentence(path, user, group, result, status))
@@ -285,7 +286,8 @@ class SystemdBackend(Backend):
                 return
             self._manager(b"KillUnit", b"ssi", unit.bname, b"all", signum)
         except DBusError as error:
-            log.debug("KillUnit %s: %s", unit.name, dbus_error_text(error))   # no process left, or the unit is gone
+            # no process left, or the unit is gone
+            log.debug("KillUnit %s: %s", unit.name, dbus_error_text(error))
 
     def _tree_alive(self, tracked: TrackedProcess) -> bool:
         try:
@@ -308,7 +310,8 @@ class SystemdBackend(Backend):
 
     def _our_units(self) -> list:
         """(name, description, load, active, sub, following, path, ...) of this instance's services."""
-        return self._manager(b"ListUnitsByPatterns", b"asas", [], [f"{self.unit_prefix}*.service".encode()]) or []
+        pattern = f"{self.unit_prefix}*.service".encode()
+        return self._manager(b"ListUnitsByPatterns", b"asas", [], [pattern]) or []
 
     def _next_reconcile(self) -> float | None:
         return self._reconcile_due if self._pid_by_path else None
