@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_b0.py [--calls 5000] [--processes 10]
 
-Starts this package's resolver on a free loopback port, an echo service
-node in a thread, then times, in one run and with the same bytes:
+Starts this package's resolver on a free loopback port and echo servers
+in child processes (as deployed), then times, in one run, the same bytes:
   * ServiceClient.call -> ServiceServer echo (envelope encode/decode, ROUTER),
   * a raw pyzmq REQ -> REP echo of the same frame,
   * `python -m b0_pm call` processes (announce, resolve, call, shutdown).
@@ -19,7 +19,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -68,27 +67,45 @@ def start_resolver(env: dict) -> subprocess.Popen:
     raise RuntimeError("resolver did not start")
 
 
-class EchoNode(threading.Thread):
-    """The echo service node, spinning in its own thread."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.ready = threading.Event()
-        self.node = None
-
-    def run(self) -> None:
-        self.node = Node("bench_server")
-        self.node.service_server(SERVICE, lambda request: request.reply(request.payload, "Echo"))
-        self.node.start()
-        self.ready.set()
-        self.node.spin()
-        self.node.shutdown()
+def serve_b0() -> None:
+    """--serve-b0: the echo service node, in its own process like a real deployment."""
+    node = Node("bench_server")
+    node.service_server(SERVICE, lambda request: request.reply(request.payload, "Echo"))
+    node.start()
+    print("ready", flush=True)
+    node.spin()
+    node.shutdown()
 
 
-def bench_b0(calls: int) -> dict:
-    server = EchoNode()
-    server.start()
-    server.ready.wait(10)
+def serve_raw() -> None:
+    """--serve-raw: a plain REP echo on an OS-chosen port, printed on stdout."""
+    context = zmq.Context()
+    rep = context.socket(zmq.REP)
+    print(rep.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        rep.send(rep.recv())
+
+
+class Server:
+    """This script in a server mode, as a child process; stopped by pid."""
+
+    def __init__(self, mode: str, env: dict):
+        self.proc = subprocess.Popen([sys.executable, __file__, mode], env=env, stdout=subprocess.PIPE,
+                                     cwd=REPO_ROOT)
+        self.first_line = self.proc.stdout.readline().decode().strip()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def bench_b0(calls: int, env: dict) -> dict:
+    server = Server("--serve-b0", env)
     with Node("bench_client") as client:
         svc = client.service_client(SERVICE)
         client.start()
@@ -101,29 +118,16 @@ def bench_b0(calls: int) -> dict:
             svc.call(PAYLOAD, "Echo", 5)
             latencies.append(time.perf_counter() - t)
         wall = time.perf_counter() - wall
-    server.node.stop()
-    server.join(10)
+    server.stop()
     return summary("b0 ServiceClient.call", latencies, wall)
 
 
-def bench_raw(calls: int) -> dict:
+def bench_raw(calls: int, env: dict) -> dict:
     frame = envelope.encode(SERVICE, PAYLOAD, "Echo")
+    server = Server("--serve-raw", env)
     context = zmq.Context()
-    rep = context.socket(zmq.REP)
-    port = rep.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def serve():
-        poller = zmq.Poller()
-        poller.register(rep, zmq.POLLIN)
-        while not stop.is_set():
-            if poller.poll(100):
-                rep.send(rep.recv())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     req = context.socket(zmq.REQ)
-    req.connect(f"tcp://127.0.0.1:{port}")
+    req.connect(f"tcp://127.0.0.1:{server.first_line}")
     for _ in range(200):
         req.send(frame)
         req.recv()
@@ -135,18 +139,14 @@ def bench_raw(calls: int) -> dict:
         req.recv()
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - wall
-    stop.set()
-    thread.join(5)
     req.close(0)
-    rep.close(0)
     context.term()
+    server.stop()
     return summary("raw pyzmq REQ/REP", latencies, wall)
 
 
 def bench_process(runs: int, env: dict) -> float:
-    server = EchoNode()
-    server.start()
-    server.ready.wait(10)
+    server = Server("--serve-b0", env)
     durations = []
     try:
         for _ in range(runs):
@@ -157,8 +157,7 @@ def bench_process(runs: int, env: dict) -> float:
             if result.returncode != 0 or not result.stdout.endswith(PAYLOAD):
                 raise RuntimeError(f"b0-pm call failed: {result.stderr.decode()}")
     finally:
-        server.node.stop()
-        server.join(10)
+        server.stop()
     median = statistics.median(durations) * 1000
     print(f"{'whole `b0-pm call` process':<28} median {median:.0f} ms over {runs} runs "
           f"(min {min(durations) * 1000:.0f}, max {max(durations) * 1000:.0f})")
@@ -169,7 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--processes", type=int, default=10)
+    parser.add_argument("--serve-b0", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_b0:
+        return serve_b0()
+    if args.serve_raw:
+        return serve_raw()
 
     env = dict(os.environ, B0_RESOLVER=f"tcp://127.0.0.1:{free_port()}", B0_HOST_ID="127.0.0.1",
                B0PM_BIND_HOST="127.0.0.1", B0_CONSOLE_LOGLEVEL="error",
@@ -179,8 +184,8 @@ def main() -> None:
     try:
         print(f"payload {len(PAYLOAD)} bytes, frame {len(envelope.encode(SERVICE, PAYLOAD, 'Echo'))} bytes, "
               f"{args.calls} calls each")
-        b0 = bench_b0(args.calls)
-        raw = bench_raw(args.calls)
+        b0 = bench_b0(args.calls, env)
+        raw = bench_raw(args.calls, env)
         print(f"{'ratio b0 / raw':<28} p50 {b0['p50'] / raw['p50']:.2f}x   p99 {b0['p99'] / raw['p99']:.2f}x   "
               f"throughput {raw['rate'] / b0['rate']:.2f}x lower")
         bench_process(args.processes, env)
