@@ -106,9 +106,15 @@ class Driver:
     def main(self) -> None:
         stdin = sys.stdin.fileno()
         buffered = b""
+        idle_failure = None   # what the loop raised between requests: the answer to the next one
         while True:
             while b"\n" not in buffered:
-                self.serve(3600.0, until=lambda: select.select([stdin], [], [], 0)[0], also_wake_on=[stdin])
+                if idle_failure is None:
+                    try:
+                        self.serve(3600.0, until=lambda: select.select([stdin], [], [], 0)[0],
+                                   also_wake_on=[stdin])
+                    except Exception as error:
+                        idle_failure = error
                 chunk = os.read(stdin, 65536)
                 if not chunk:
                     return
@@ -116,6 +122,8 @@ class Driver:
             line, buffered = buffered.split(b"\n", 1)
             request = json.loads(line)
             try:
+                if idle_failure is not None:
+                    raise idle_failure
                 answer = {"ok": True, "result": _as_json(self.handle(request))}
             except Exception as error:   # every request gets exactly one answer
                 answer = {"ok": False, "error": type(error).__name__, "message": str(error)}

@@ -356,3 +356,17 @@ def test_select_backend_picks_the_user_manager_when_not_root(systemd_sandbox, us
                                   env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"})
     assert result.stdout.split() == ["SystemdBackend", "True"]
     assert "process backend: the systemd user manager (skipped system: not running as root" in result.stderr
+
+
+def test_losing_the_bus_raises_backend_lost_and_a_new_backend_takes_over(drivers, systemd_sandbox):
+    # last in this module: it restarts the sandbox's D-Bus broker
+    first = drivers.start()
+    record = first.call("start", path="/bin/sleep", args=["1012"])
+    systemd_sandbox.exec(["systemctl", "restart", "dbus.service"])
+    with pytest.raises(DriverError) as raised:
+        first.call("run", seconds=2)
+    assert raised.value.error == "BackendLost"
+    second = drivers.start()
+    assert [(r["pid"], r["running"]) for r in second.call("adopt")] == [(record["pid"], True)]
+    second.call("stop", pid=record["pid"])
+    assert second.call("wait_exit", pid=record["pid"], seconds=10)["exit_code"] == -signal.SIGINT

@@ -30,6 +30,13 @@ class StartError(Exception):
     """The program could not be started; str() is a sentence for the reply."""
 
 
+class BackendLost(Exception):
+    """The backend can no longer see or control its programs (systemd's bus went away).
+
+    Raised by process_events() and tick(). The PM should exit with an error:
+    systemd restarts it, and adopt() takes the programs over again."""
+
+
 class NotManaged(Exception):
     """The pid is not (or no longer) managed by this backend."""
 

@@ -24,7 +24,8 @@ from pystemd.dbusexc import DBusBaseError as DBusError   # DBusError itself is a
 from pystemd.dbuslib import DBus, apply_signature, path_encode
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
 
-from b0_pm.backends.base import Backend, ProcessRecord, StartError, TrackedProcess, describe_exec_failure
+from b0_pm.backends.base import (Backend, BackendLost, ProcessRecord, StartError, TrackedProcess,
+                                 describe_exec_failure)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class SystemdBackend(Backend):
             self._signals.call_method(b"org.freedesktop.DBus", b"/org/freedesktop/DBus",
                                       b"org.freedesktop.DBus", b"AddMatch", apply_signature(b"s", [rule]))
         self._drain_signals()   # replies to these calls may have queued signals behind them
+        self._signal_fd = self._signals.get_fd()   # kept: after a disconnect get_fd() is negative
 
     # -- D-Bus helpers (blocking, each a short round trip) -----------------
 
@@ -129,14 +131,18 @@ class SystemdBackend(Backend):
     # -- signals -------------------------------------------------------------
 
     def fileno(self) -> int:
-        return self._signals.get_fd()
+        return self._signal_fd
 
     def _drain_signals(self) -> None:
         # process() hides sd_bus_process()'s return code; an empty message can also mean
         # "handled something internally", so stop only after two empty answers in a row
         empty_answers = 0
         while empty_answers < 2:
-            message = self._signals.process()
+            try:
+                message = self._signals.process()
+            except DBusError as error:
+                raise BackendLost(f"lost the connection to systemd's bus ({dbus_error_text(error)}); "
+                                  f"restart to adopt the programs again") from error
             if message.is_empty():
                 empty_answers += 1
                 continue
@@ -149,6 +155,9 @@ class SystemdBackend(Backend):
                     self._job_result = result
             elif member == b"PropertiesChanged":
                 self._service_changed(message.headers.get("Path"), message.body[1])
+        if self._signals.get_fd() < 0:
+            # sd-bus handled a disconnect (the broker restarted): no more exits would be seen
+            raise BackendLost("lost the connection to systemd's bus; restart to adopt the programs again")
 
     def _service_changed(self, unit_path: bytes, changed: dict) -> None:
         if unit_path in self._starting:
@@ -251,7 +260,7 @@ class SystemdBackend(Backend):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return b"timeout"
-                select.select([self._signals.get_fd()], [], [], remaining)
+                select.select([self._signal_fd], [], [], remaining)
         finally:
             self._awaited_job = None
 
@@ -355,7 +364,6 @@ class SystemdBackend(Backend):
 
     def close(self, stop_all: bool) -> None:
         if stop_all:
-            self._stop_all_and_wait(
-                lambda timeout: select.select([self._signals.get_fd()], [], [], timeout))
+            self._stop_all_and_wait(lambda timeout: select.select([self._signal_fd], [], [], timeout))
         self._signals.close()
         self._calls.close()
