@@ -254,8 +254,7 @@ class ServiceClient:
         if self.busy:
             raise RuntimeError(f"client of '{self.name}' has a call_async in flight")
         self._sock.send(envelope.encode(self.name, payload, content_type))
-        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
-        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+        if timeout_s is not None and not self._sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
             self._rebuild()
             raise TimeoutError(f"no reply from service '{self.name}' within {timeout_s:g} s")
         return self._unpack(self._sock.recv_multipart())
