@@ -27,6 +27,8 @@ EVENTS_TOPIC = "process_manager/events"
 START_REPLY_PREFIX = b'{"start_process":'
 # variables that tell a b0 node where its network is; launched nodes get the PM's own
 CHILD_ENVIRONMENT_PREFIXES = ("B0_", "B0PM_")
+# STATUS= is for people (systemctl status): at most one update a second, off the request path
+STATUS_DELAY_S = 1.0
 
 
 def resolve_host_id(config) -> str:
@@ -71,6 +73,7 @@ class ProcessManager:
         self.events = self.node.publisher(EVENTS_TOPIC, content_type=protocol.EVENT_TYPE)
         self._timers = []
         self._tick_timer = None
+        self._status_timer = None
         self._backend_fd = None
 
     # -- lifecycle --------------------------------------------------------
@@ -115,8 +118,9 @@ class ProcessManager:
         self.notifier.stopping()
         for timer in self._timers:
             timer.cancel()
-        if self._tick_timer is not None:
-            self._tick_timer.cancel()
+        for timer in (self._tick_timer, self._status_timer):
+            if timer is not None:
+                timer.cancel()
         if self._backend_fd is not None:
             self.node.loop.remove_reader(self._backend_fd)
             self._backend_fd = None
@@ -133,7 +137,7 @@ class ProcessManager:
         request.reply(reply.payload, reply.content_type)
         if reply.started is not None:
             self._publish_event("started", reply.started)
-            self._update_status()
+            self._status_changed()
         if reply.stopped is not None or reply.payload.startswith(START_REPLY_PREFIX):
             # a stop sets ladder deadlines; a start may have read other programs' exits from the bus
             self._schedule_tick()
@@ -164,7 +168,7 @@ class ProcessManager:
                           record.exit_code)
             self._publish_event("exited", record)
         if ended:
-            self._update_status()
+            self._status_changed()
 
     # -- topics and systemd ----------------------------------------------
 
@@ -178,5 +182,10 @@ class ProcessManager:
         self.beacons.publish(protocol.encode_beacon(
             protocol.Beacon(self.host_id, self.node.name, self.control.name)))
 
-    def _update_status(self) -> None:
+    def _status_changed(self) -> None:
+        if self._status_timer is None:
+            self._status_timer = self.node.loop.call_later(STATUS_DELAY_S, self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_timer = None
         self.notifier.status(running_status(len(self.backend.running_pids())))

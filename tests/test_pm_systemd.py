@@ -134,7 +134,10 @@ def test_beacon_and_start_stop_through_a_transient_unit(sandbox_pm, listener):
     assert shown["KillMode"] == "control-group" and shown["Slice"] == "b0pm-127.0.0.1.slice"
     assert f"B0_RESOLVER={sandbox_pm.resolver.address}" in shown["Environment"]
     assert f"B0_HOST_ID={HOST_ID}" in shown["Environment"]
-    assert "1 process running" in sandbox_pm.show(PM_UNIT, "StatusText")["StatusText"]
+    deadline = time.monotonic() + 5   # STATUS= follows within a second
+    while sandbox_pm.show(PM_UNIT, "StatusText")["StatusText"] != "1 process running":
+        assert time.monotonic() < deadline, sandbox_pm.show(PM_UNIT, "StatusText")
+        time.sleep(0.1)
 
     assert pid in control.pids()
     assert control.query(pid) == {"success": True, "running": True}
