@@ -51,14 +51,14 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 class HubLab:
     """A resolver, PMs by host id, and a HUB; close() ends every process by pid."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, resolver_heartbeat_us: int = 30_000_000):
         self.workdir = workdir
         self.bin_dir = workdir / "bin"
         self.bin_dir.mkdir()
         self.sleeper = self.bin_dir / "sleeper"
         self.sleeper.write_text(SLEEPER)
         self.sleeper.chmod(0o755)
-        self.resolver = start_resolver()
+        self.resolver = start_resolver(resolver_heartbeat_us)
         self.pms: dict[str, subprocess.Popen] = {}
         self.hub: subprocess.Popen | None = None
         self.hub_address: str | None = None
@@ -92,10 +92,10 @@ class HubLab:
             env = dict(self.resolver.env, NOTIFY_SOCKET=notify_name)
             self.hub = self._spawn([sys.executable, "-m", "b0_pm", "hub", "--config", str(config), *args],
                                    env, "hub.log")
-            message = notify.recv(4096)
+            while not notify.recv(4096).startswith(b"READY=1"):
+                pass  # STATUS= lines while it waits
         finally:
             notify.close()
-        assert message.startswith(b"READY=1"), message
         reply = resolver_request(self.resolver.address, "resolve_service", {"service_name": HUB_SERVICE})
         self.hub_address = reply["resolve_service"]["sock_addr"]
 
@@ -556,3 +556,20 @@ def test_bad_configuration_is_refused_before_starting(argv, problem):
                           text=True, timeout=30, env=dict(os.environ, B0_RESOLVER="tcp://127.0.0.1:9"))
     assert done.returncode == 2
     assert problem in done.stderr
+
+
+def test_hub_killed_without_shutdown_waits_for_its_service_name(tmp_path):
+    # The dead HUB's service stays registered until the resolver's heartbeat sweep drops it.
+    lab = HubLab(tmp_path, resolver_heartbeat_us=1_500_000)
+    try:
+        lab.start_pm(ALPHA)
+        lab.start_hub()
+        lab.wait_for_hosts({ALPHA: pm_service(ALPHA)})
+        os.kill(lab.hub.pid, signal.SIGKILL)
+        lab.hub.wait()
+        lab.start_hub()
+        assert "process_manager_hub/control" in (tmp_path / "hub.log").read_text().split("trying again")[0]
+        lab.wait_for_hosts({ALPHA: pm_service(ALPHA)})
+        assert lab.call({"host_name": ALPHA, "list_active_processes": {}})["success"] is True
+    finally:
+        lab.close()

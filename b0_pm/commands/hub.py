@@ -2,10 +2,12 @@
 
 import os
 import sys
+import time
 
 from b0_pm import config
 
 RESOLVER_TIMEOUT_S = 2.0
+START_RETRY_S = 2.0
 
 
 def register(subparsers) -> None:
@@ -39,20 +41,30 @@ def run(args) -> int:
     from b0_pm.notify import Notifier
 
     setup_logging(cfg.log_level)
-    # The HUB asks the resolver from its loop (new PMs, restarts): a stalled resolver must not stall it for long.
-    node = Node(HUB_NODE_NAME, resolver=cfg.resolver_address or None, host_id=cfg.host_id or None,
-                max_message_size=cfg.max_message_bytes, resolver_timeout=RESOLVER_TIMEOUT_S)
-    route_node_logger(node.log)
-    hub = HubNode(node, forward_timeout_s=cfg.hub.forward_timeout_seconds,
-                  host_expiry_s=cfg.hub.host_expiry_seconds,
-                  active_nodes_interval_s=cfg.hub.active_nodes_interval_seconds,
-                  notifier=Notifier())
-    try:
-        hub.start()
-    except (TimeoutError, ResolverError, OSError) as exc:
-        print(f"b0-pm hub: cannot start: {exc}", file=sys.stderr)
-        node.shutdown()
-        return 1
+    notifier = Notifier()
+    while True:
+        # The HUB asks the resolver from its loop (new PMs, restarts): a stalled resolver must not stall it long.
+        node = Node(HUB_NODE_NAME, resolver=cfg.resolver_address or None, host_id=cfg.host_id or None,
+                    max_message_size=cfg.max_message_bytes, resolver_timeout=RESOLVER_TIMEOUT_S)
+        route_node_logger(node.log)
+        hub = HubNode(node, forward_timeout_s=cfg.hub.forward_timeout_seconds,
+                      host_expiry_s=cfg.hub.host_expiry_seconds,
+                      active_nodes_interval_s=cfg.hub.active_nodes_interval_seconds,
+                      notifier=notifier)
+        try:
+            hub.start()
+            break
+        except ResolverError as exc:
+            # A HUB killed without shutting down holds the service name until the resolver drops it (30-40 s).
+            node.shutdown()
+            message = f"{exc}; trying again in {START_RETRY_S:g} s"
+            print(f"b0-pm hub: {message}", file=sys.stderr)
+            notifier.status(message)
+            time.sleep(START_RETRY_S)
+        except (TimeoutError, OSError) as exc:
+            print(f"b0-pm hub: cannot start: {exc}", file=sys.stderr)
+            node.shutdown()
+            return 1
     try:
         hub.spin()
     finally:
