@@ -1,5 +1,6 @@
 """Start latency: SystemdBackend.start (exec confirmed) vs a raw pystemd
-StartTransientUnit (job queued, nothing awaited) vs `systemd-run -p Type=exec`
+StartTransientUnit (introspected wrapper; job queued, nothing awaited) vs the
+same call built low-level as the backend does vs `systemd-run -p Type=exec`
 (a process per start, waits for the job), measured in one run inside a
 throw-away systemd sandbox.
 
@@ -59,6 +60,26 @@ def time_raw_pystemd(starts: int) -> list[float]:
     return samples
 
 
+def time_low_level_call(starts: int) -> list[float]:
+    """The StartTransientUnit call alone, built as SystemdBackend builds it (no introspection)."""
+    from pystemd.dbuslib import DBus, apply_signature
+    from pystemd.systemd1.unit_signatures import signature_array
+    samples = []
+    with DBus() as bus:
+        for number in range(starts):
+            argv = [arg.encode() for arg in PROGRAM]
+            properties = {b"Description": b"bench", b"ExecStart": [(argv[0], argv, False)],
+                          b"Type": b"exec", b"Slice": b"b0pm-benchlow.slice"}
+            name = f"b0pm-benchlow-{number}.service".encode()
+            began = time.perf_counter()
+            args = (apply_signature(b"ss", [name, b"fail"]) + signature_array(properties)
+                    + [(ord(b"a"), b"(sa(sv))"), (-1, None)])
+            bus.call_method(b"org.freedesktop.systemd1", b"/org/freedesktop/systemd1",
+                            b"org.freedesktop.systemd1.Manager", b"StartTransientUnit", args)
+            samples.append(time.perf_counter() - began)
+    return samples
+
+
 def time_systemd_run(starts: int) -> list[float]:
     samples = []
     for number in range(starts):
@@ -71,7 +92,8 @@ def time_systemd_run(starts: int) -> list[float]:
 
 def inside(args) -> None:
     sys.path.insert(0, str(REPO))
-    ways = {"backend": time_backend_start, "raw_pystemd": time_raw_pystemd, "systemd_run": time_systemd_run}
+    ways = {"backend": time_backend_start, "raw_pystemd": time_raw_pystemd, "low_level": time_low_level_call,
+            "systemd_run": time_systemd_run}
     results = {}
     for name in args.ways.split(","):
         results[name] = ways[name](args.starts)
@@ -91,6 +113,7 @@ def outside(args) -> None:
         runs = [("SystemdBackend.start (pystemd venv)", venv_python, "backend"),
                 ("SystemdBackend.start (pystemd 0.11)", BOOKWORM_PYTHON, "backend"),
                 ("raw pystemd StartTransientUnit", venv_python, "raw_pystemd"),
+                ("low-level StartTransientUnit call", venv_python, "low_level"),
                 ("systemd-run -p Type=exec", venv_python, "systemd_run")]
         rows = []
         for label, python, way in runs:
@@ -118,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=200)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ways", default="backend,raw_pystemd,systemd_run", help=argparse.SUPPRESS)
+    parser.add_argument("--ways", default="backend,raw_pystemd,low_level,systemd_run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     inside(args) if args.inside else outside(args)
 
