@@ -145,8 +145,9 @@ class ProcessManager:
     # -- backend events and deadlines ---------------------------------------
 
     def _on_backend_ready(self) -> None:
-        self._publish_exits()
-        self._schedule_tick()
+        # only exits move deadlines (retention, ladders ending); other bus traffic does not
+        if self._publish_exits():
+            self._schedule_tick()
 
     def _on_tick(self) -> None:
         self._tick_timer = None
@@ -161,7 +162,8 @@ class ProcessManager:
         if deadline is not None:
             self._tick_timer = self.node.loop.call_later(deadline - time.monotonic(), self._on_tick)
 
-    def _publish_exits(self) -> None:
+    def _publish_exits(self) -> list:
+        """Publish the exits the backend has seen since the last call; returns their records."""
         ended = self.backend.process_events()
         for record in ended:
             self.log.info("Process %d (%s) finished with exit code %s.", record.pid, record.path,
@@ -169,6 +171,7 @@ class ProcessManager:
             self._publish_event("exited", record)
         if ended:
             self._status_changed()
+        return ended
 
     # -- topics and systemd ----------------------------------------------
 
