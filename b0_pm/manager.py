@@ -18,6 +18,7 @@ import time
 from b0_pm import protocol
 from b0_pm.b0.node import Node, default_host_id, default_resolver_address
 from b0_pm.notify import Notifier
+from b0_pm.policy import StartPolicy
 
 NODE_NAME = "process_manager@%h"
 SERVICE_NAME = "%n/control"
@@ -50,20 +51,20 @@ def running_status(count: int) -> str:
 
 
 class ProcessManager:
-    """One PM node over one backend. run() blocks until SIGINT/SIGTERM or stop()."""
+    """One PM node over one backend. run() blocks until SIGINT/SIGTERM."""
 
     def __init__(self, config, backend, *, host_id: str | None = None, read_log=None,
-                 notifier: Notifier | None = None, announce_timeout: float | None = None):
+                 notifier: Notifier | None = None):
         self.config = config
         self.backend = backend
         self.host_id = host_id or resolve_host_id(config)
         self.resolver_address = config.resolver_address or default_resolver_address()
         self.notifier = notifier or Notifier()
+        # no announce timeout: like the C++ PM, wait for the resolver as long as it takes
         self.node = Node(NODE_NAME, resolver=self.resolver_address, host_id=self.host_id,
-                         announce_timeout=announce_timeout, max_message_size=config.max_message_bytes)
+                         max_message_size=config.max_message_bytes)
         self.log = self.node.log
         self.environment = child_environment(self.host_id, self.resolver_address)
-        from b0_pm.policy import StartPolicy  # jsonschema and friends load only for serving
         self.policy = StartPolicy.from_config(config, base_environment=self.environment, log=self.log)
         self.processor = protocol.RequestProcessor(backend, self.policy, self.node.name,
                                                    read_log=read_log, log=self.log)
@@ -108,10 +109,6 @@ class ProcessManager:
                 self.log.info("Signal %d received: shutting down.", self.node.loop.stop_signal)
         finally:
             self.close()
-
-    def stop(self) -> None:
-        """Ends run(); safe from another thread or a signal handler."""
-        self.node.loop.stop()
 
     def close(self) -> None:
         """Leave the b0 network (shutdown_node), then release or stop the programs."""
