@@ -68,7 +68,7 @@ def test_exit_codes_and_death_by_signal(start_driver, tmp_path):   # tmp_path: w
     backend = start_driver()
     # (running, exit_code, signal, core_dumped) expected for each sh -c script
     cases = {("-c", "exit 0"): (False, 0, None, False), ("-c", "exit 3"): (False, 3, None, False),
-             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False),
+             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False), ("-c", "exit 255"): (False, 255, None, False),
              ("-c", "kill -USR1 $$"): (False, -signal.SIGUSR1, signal.SIGUSR1, False),
              ("-c", f"cd {tmp_path}; ulimit -c unlimited; kill -SEGV $$"):
                  (False, -signal.SIGSEGV, signal.SIGSEGV, True)}

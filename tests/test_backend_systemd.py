@@ -103,7 +103,7 @@ def test_exit_codes_and_death_by_signal(drivers, python):
     backend = drivers.start(python)
     # (running, exit_code, signal, core_dumped) expected for each sh -c script
     cases = {("-c", "exit 0"): (False, 0, None, False), ("-c", "exit 3"): (False, 3, None, False),
-             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False),
+             ("-c", "sleep 0.2; exit 4"): (False, 4, None, False), ("-c", "exit 255"): (False, 255, None, False),
              ("-c", "kill -USR1 $$"): (False, -signal.SIGUSR1, signal.SIGUSR1, False),
              ("-c", "ulimit -c unlimited; kill -SEGV $$"): (False, -signal.SIGSEGV, signal.SIGSEGV, True)}
     pids = {args: backend.call("start", path="/bin/sh", args=list(args))["pid"] for args in cases}

@@ -43,9 +43,11 @@ UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 # waitid si_code values as systemd reports them in ExecMainCode (0: not ended, 2: killed)
 CLD_EXITED, CLD_DUMPED = 1, 3
 
-# systemd's own exit statuses for a child that failed before it could exec the program
+# systemd's own exit statuses (200 CHDIR .. 245 BPF in systemd 252) for a child that failed
+# before it could exec the program. A program that itself exits with one of these before
+# systemd saw its exec is indistinguishable from such a failure (documented limitation).
 EXIT_EXEC, EXIT_GROUP, EXIT_USER = 203, 216, 217
-SETUP_FAILURE_RANGE = range(200, 256)
+SETUP_FAILURE_RANGE = range(200, 246)
 
 SIGNAL_MATCHES = (
     b"type='signal',sender='org.freedesktop.systemd1',interface='org.freedesktop.systemd1.Manager',"
