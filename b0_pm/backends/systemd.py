@@ -348,16 +348,20 @@ class SystemdBackend(Backend):
             name, unit_path = entry[0].decode(), entry[6]
             if unit_path in known:
                 continue
-            service = self._read_service_or_none(unit_path)
-            if not service or not service.get(b"ExecMainPID") or not service.get(b"ExecStart"):
-                continue
+            try:
+                service = self._service_properties(unit_path)
+                invocation_id = self._invocation_id(unit_path)
+            except DBusError:
+                continue   # collected since it was listed
+            if not service.get(b"ExecMainPID") or not service.get(b"ExecStart"):
+                continue   # never forked: nothing to serve
             exec_path, argv = service[b"ExecStart"][0][0], service[b"ExecStart"][0][1]
             record = ProcessRecord(pid=service[b"ExecMainPID"], path=os.fsdecode(exec_path),
                                    args=[os.fsdecode(arg) for arg in argv[1:]], unit=name,
                                    started_at=service.get(b"ExecMainStartTimestamp", 0) / 1e6)
             if service[b"ExecMainCode"] != 0:
                 _apply_exit(record, service)   # history, not news: not reported by process_events()
-            self._track(record, _UnitHandle(name, self._invocation_id(unit_path)))
+            self._track(record, _UnitHandle(name, invocation_id))
             if record.running:
                 self._pid_by_path[unit_path] = record.pid
             adopted.append(record)
