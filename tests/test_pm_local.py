@@ -324,3 +324,13 @@ def test_daemon_without_syslog_needs_a_log_file(empty_config):
     done = subprocess.run(serve_argv(python_executable(), empty_config, "--daemon"), env=pm_environment({}),
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--log-file" in done.stderr
+
+
+@bookworm_python
+def test_daemon_refuses_a_pidfile_held_by_a_live_process(empty_config, tmp_path):
+    pidfile = tmp_path / "pm.pid"
+    pidfile.write_text(f"{os.getpid()}\n")   # this test process stands in for a running PM
+    argv = serve_argv(BOOKWORM_PYTHON, empty_config, "--daemon", "--pidfile", str(pidfile),
+                      "--log-file", str(tmp_path / "pm.log"))
+    done = subprocess.run(argv, env=pm_environment({}), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and f"already running as pid {os.getpid()}" in done.stderr

@@ -46,59 +46,67 @@ def run(args) -> int:
         print("b0-pm serve: --daemon refused: this runs under systemd, which expects the service in "
               "the foreground (Type=notify); drop --daemon", file=sys.stderr)
         return EXIT_USAGE
+    from b0_pm.b0.node import console_level
+
+    # precedence: --log-level, then $B0_CONSOLE_LOGLEVEL (as for C++ nodes), then the file;
+    # the node's console logger reads the variable, and launched nodes inherit it
     if args.config_log_level is not None:
-        # precedence: --log-level, then $B0_CONSOLE_LOGLEVEL (as for C++ nodes), then the file
         os.environ["B0_CONSOLE_LOGLEVEL"] = args.config_log_level
-    # the daemon changes directory to /, so relative paths are made absolute first
-    log_file = os.path.abspath(args.log_file) if args.log_file else None
-    if not args.daemon:
-        return serve(cfg, log_file=log_file)
-    from b0_pm.logsetup import SYSLOG_SOCKET
-
-    if log_file is None and not os.path.exists(SYSLOG_SOCKET):
-        print(f"b0-pm serve: --daemon logs to syslog, but {SYSLOG_SOCKET} does not exist here; "
-              f"give --log-file FILE", file=sys.stderr)
-        return EXIT_USAGE
-    return serve_daemonized(cfg, log_file=log_file,
-                            pidfile=os.path.abspath(args.pidfile) if args.pidfile else None)
-
-
-def serve_daemonized(cfg, *, log_file: str | None, pidfile: str | None) -> int:
-    import daemon
-    import daemon.pidfile
-
-    lock = daemon.pidfile.TimeoutPIDLockFile(pidfile, acquire_timeout=0) if pidfile else None
-    context = daemon.DaemonContext(pidfile=lock, umask=0o022)
-    try:
-        context.open()
-    except Exception as exc:  # lockfile raises its own errors (AlreadyLocked, LockTimeout...)
-        print(f"b0-pm serve: cannot daemonize: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    with context:
-        # everything that owns a descriptor (zmq, D-Bus, syslog, sd_notify) is created after the fork
-        return serve(cfg, log_file=log_file, use_syslog=log_file is None)
-
-
-def serve(cfg, *, log_file: str | None = None, use_syslog: bool = False) -> int:
-    from b0_pm.b0.node import ResolverError, console_level
-    from b0_pm.logsetup import route_node_logger, setup_logging
-    from b0_pm.manager import ProcessManager, resolve_host_id
-    from b0_pm.notify import Notifier
-
-    # the node's console logger reads the b0 variable; launched nodes inherit it
     os.environ.setdefault("B0_CONSOLE_LOGLEVEL", cfg.log_level)
     try:
         level = console_level(os.environ["B0_CONSOLE_LOGLEVEL"])
     except ValueError as exc:
         print(f"b0-pm serve: B0_CONSOLE_LOGLEVEL: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # the daemon changes directory to /, so relative paths are made absolute first
+    log_file = os.path.abspath(args.log_file) if args.log_file else None
+    if not args.daemon:
+        return serve(cfg, level, log_file=log_file)
+    from b0_pm.logsetup import SYSLOG_SOCKET
+
+    if log_file is None and not os.path.exists(SYSLOG_SOCKET):
+        print(f"b0-pm serve: --daemon logs to syslog, but {SYSLOG_SOCKET} does not exist here; "
+              f"give --log-file FILE", file=sys.stderr)
+        return EXIT_USAGE
+    return serve_daemonized(cfg, level, log_file=log_file,
+                            pidfile=os.path.abspath(args.pidfile) if args.pidfile else None)
+
+
+def serve_daemonized(cfg, level: int, *, log_file: str | None, pidfile: str | None) -> int:
+    import daemon
+    import daemon.pidfile
+
+    lock = None
+    if pidfile:
+        lock = daemon.pidfile.TimeoutPIDLockFile(pidfile, acquire_timeout=0)
+        # checked here, while stderr is still the terminal: the daemon's own attempt is silent
+        if lock.is_locked():
+            owner = lock.read_pid()
+            if owner and os.path.exists(f"/proc/{owner}"):
+                print(f"b0-pm serve: already running as pid {owner} (pidfile {pidfile})", file=sys.stderr)
+                return EXIT_FAILURE
+            print(f"b0-pm serve: removing the stale pidfile {pidfile} (pid {owner} is gone)", file=sys.stderr)
+            lock.break_lock()
+    with daemon.DaemonContext(pidfile=lock, umask=0o022):
+        # everything that owns a descriptor (zmq, D-Bus, syslog, sd_notify) is created after the fork
+        return serve(cfg, level, log_file=log_file, use_syslog=log_file is None)
+
+
+def serve(cfg, level: int, *, log_file: str | None = None, use_syslog: bool = False) -> int:
+    import logging
+
+    from b0_pm.b0.node import ResolverError
+    from b0_pm.logsetup import route_node_logger, setup_logging
+    from b0_pm.manager import ProcessManager, resolve_host_id
+    from b0_pm.notify import Notifier
+
     setup_logging(level, log_file=log_file, use_syslog=use_syslog, ident="b0-pm")
     notifier = Notifier()
     host_id = resolve_host_id(cfg)
     try:
         backend, read_log = make_backend(cfg, host_id)
     except BackendUnavailable as exc:
-        print(f"b0-pm serve: {exc}", file=sys.stderr)
+        logging.getLogger("b0_pm.serve").error("%s", exc)
         return EXIT_FAILURE
     manager = ProcessManager(cfg, backend, host_id=host_id, read_log=read_log, notifier=notifier)
     route_node_logger(manager.log)
