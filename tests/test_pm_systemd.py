@@ -307,7 +307,7 @@ def test_up_uses_the_system_manager_and_takes_its_units_down(systemd_sandbox):
         systemd_sandbox.signal_daemon(up, signal.SIGTERM)
         assert up.wait(timeout=30) == 0
         state = systemd_sandbox.exec(["systemctl", "show", "-p", "SubState", "--value", unit]).stdout.strip()
-        assert state in ("exited", "dead", "failed", ""), state   # no longer running
+        assert state != "running", state
     finally:
         if control is not None:
             control.close()
