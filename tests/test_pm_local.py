@@ -70,7 +70,8 @@ def pm(resolver, programs, empty_config, tmp_path_factory):
     argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", HOST_ID,
                       "--allow", os.path.dirname(programs["exit0"]),
                       "--stop-signal-grace-seconds", str(LADDER_STEP_S),
-                      "--term-grace-seconds", str(LADDER_STEP_S), "--log-level", "info")
+                      "--term-grace-seconds", str(LADDER_STEP_S), "--log-level", "info",
+                      "--stop-processes-on-exit")   # children of a failed test end with the PM
     env = pm_environment(resolver.env, NOTIFY_SOCKET=str(workdir / "notify"),
                          WATCHDOG_USEC=str(WATCHDOG_USEC), B0_CONSOLE_LOGLEVEL="warn")
     process = PMProcess(argv, env, workdir / "pm.log")
@@ -85,7 +86,7 @@ def pm(resolver, programs, empty_config, tmp_path_factory):
             listener.__exit__(None, None, None)
         if control is not None:
             control.close()
-        process.kill()
+        process.terminate()
         notify.close()
         print(process.log())
 
@@ -334,3 +335,26 @@ def test_daemon_refuses_a_pidfile_held_by_a_live_process(empty_config, tmp_path)
                       "--log-file", str(tmp_path / "pm.log"))
     done = subprocess.run(argv, env=pm_environment({}), capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and f"already running as pid {os.getpid()}" in done.stderr
+
+
+def test_pm_registers_again_after_the_resolver_restarts(resolver_factory, empty_config, programs, tmp_path):
+    fresh = resolver_factory(heartbeat_interval_us=900_000)   # heartbeats every 0.3 s
+    service = "process_manager@localhost/control"
+    argv = serve_argv(python_executable(), empty_config, "--backend", "local", "--host-id", "localhost",
+                      "--allow", os.path.dirname(programs["exit0"]), "--stop-processes-on-exit")
+    process = PMProcess(argv, pm_environment(fresh.env), tmp_path / "pm.log")
+    try:
+        control = Control(resolve(fresh.address, service), service)
+        pid = control.start_pid(programs["sleeper"])
+        control.close()
+        fresh.restart()   # same port, empty tables: the PM's heartbeat gets ok:false
+        with TopicListener(fresh.address) as listener:
+            _, beacon = listener.next("process_manager/beacon")
+            assert beacon["node_name"] == "process_manager@localhost"
+        control = Control(resolve(fresh.address, service), service)
+        assert control.pids() == [pid]
+        control.close()
+        assert process.terminate() == 0
+        assert not process_alive(pid), "--stop-processes-on-exit stops the children with the PM"
+    finally:
+        process.terminate()
