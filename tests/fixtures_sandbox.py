@@ -182,13 +182,57 @@ class Sandbox:
 
 
 _machine_counter = 0
+SANDBOX_PARENT = Path("/var/tmp")
+SANDBOX_PREFIX = "b0pm-sandbox-"
+
+
+def _pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _nspawn_pids_for(root: Path) -> list[int]:
+    """Host pids of the systemd-nspawn processes booting `root`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"systemd-nspawn") and str(root).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_orphaned_sandboxes() -> None:
+    """Tear down sandboxes whose owning process died without closing them.
+
+    A test run killed from outside (a timeout, SIGKILL) never reaches its
+    finalisers; its container would run on and keep its overlay mounted.
+    """
+    for workdir in SANDBOX_PARENT.glob(SANDBOX_PREFIX + "*-*"):
+        owner = workdir.name[len(SANDBOX_PREFIX):].split("-")[0]
+        if not owner.isdigit() or _pid_alive(int(owner)):
+            continue
+        orphan = Sandbox(workdir, machine="")
+        for pid in _nspawn_pids_for(orphan.root):
+            os.kill(pid, signal.SIGTERM)  # nspawn asks the container to power off
+            deadline = time.monotonic() + 30
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        orphan._mounted = [workdir / "ovl", orphan.root]
+        orphan.close()
 
 
 def boot_sandbox(binds=(REPO,), timeout=BOOT_TIMEOUT_S) -> Sandbox:
     """Boot a fresh container; the caller must close() it (also on errors)."""
     global _machine_counter
     _machine_counter += 1
-    workdir = Path(f"/var/tmp/b0pm-sandbox-{os.getpid()}-{_machine_counter}")
+    reap_orphaned_sandboxes()
+    workdir = SANDBOX_PARENT / f"{SANDBOX_PREFIX}{os.getpid()}-{_machine_counter}"
     sandbox = Sandbox(workdir, machine=f"b0pm-{os.getpid()}-{_machine_counter}")
     try:
         sandbox.boot(binds=binds, timeout=timeout)
