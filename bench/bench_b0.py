@@ -49,7 +49,8 @@ def summary(name: str, latencies: list[float], wall: float) -> dict:
 
 
 def start_resolver(env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "b0_pm", "resolver", "--port", env["B0_RESOLVER"].rsplit(":", 1)[1]],
+    proc = subprocess.Popen([sys.executable, "-m", "b0_pm", "resolver", "--config", os.devnull,
+                             "--port", env["B0_RESOLVER"].rsplit(":", 1)[1]],
                             env=dict(env, B0_CONSOLE_LOGLEVEL="error"), cwd=REPO_ROOT)
     context = zmq.Context.instance()
     deadline = time.monotonic() + 10

@@ -8,7 +8,8 @@ free_port() -> int
 
 start_resolver(heartbeat_interval_us=30_000_000, port=None) -> ResolverProcess
     Starts `python -m b0_pm resolver` as a subprocess (B0_HOST_ID=127.0.0.1,
-    bound on loopback only) and waits until it answers get_graph.
+    bound on loopback only, no configuration file) and waits until it
+    answers get_graph.
     ResolverProcess: .address ("tcp://127.0.0.1:PORT"), .port, .process,
     .env (a copy of os.environ for child processes with B0_RESOLVER,
     B0_HOST_ID=127.0.0.1 and B0PM_BIND_HOST=127.0.0.1), .stop() (by pid;
@@ -109,7 +110,8 @@ class ResolverProcess:
     def start(self) -> "ResolverProcess":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "b0_pm", "resolver", "--port", str(self.port),
-             "--minimum-heartbeat-interval", str(self.heartbeat_interval_us)],
+             "--minimum-heartbeat-interval", str(self.heartbeat_interval_us),
+             "--config", os.devnull],  # defaults, whatever this host's /etc/b0-pm holds
             env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -200,3 +200,42 @@ def test_port_in_use_is_a_clear_error(resolver):
     result = subprocess.run([sys.executable, "-m", "b0_pm", "resolver", "--port", str(resolver.port)],
                             env=resolver.env, capture_output=True, text=True, timeout=20)
     assert result.returncode == 1 and f"cannot bind port {resolver.port}" in result.stderr
+
+
+def test_configuration_file_and_precedence(tmp_path, resolver):
+    import subprocess
+    import sys
+    from tests.fixtures_b0 import REPO_ROOT, free_port, ResolverProcess
+    file_port, flag_port = free_port(), free_port()
+    conf = tmp_path / "b0-pm.toml"
+    conf.write_text(f'host_id = "from-file"\n[resolver]\nport = {file_port}\n'
+                    f"minimum_heartbeat_interval_seconds = 1.5\n")
+    env = {k: v for k, v in resolver.env.items() if k not in ("B0_RESOLVER_PORT", "B0_HOST_ID")}
+
+    def reply_from(port, *args):
+        proc = subprocess.Popen([sys.executable, "-m", "b0_pm", "resolver", "--config", str(conf), *args],
+                                env=env, cwd=REPO_ROOT, stderr=subprocess.DEVNULL)
+        probe = ResolverProcess(port, 0)
+        probe.process = proc
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                reply = resolver_request(probe.address, "announce_node",
+                                         {"host_id": "h", "process_id": 1, "node_name": "n"}, timeout=0.2)
+                if reply is not None:
+                    return reply["announce_node"]
+                assert proc.poll() is None, "resolver exited"
+            raise AssertionError("resolver did not answer")
+        finally:
+            probe.stop()
+
+    from_file = reply_from(file_port)
+    assert from_file["minimum_heartbeat_interval"] == 1_500_000
+    assert from_file["xsub_sock_addr"].startswith("tcp://from-file:")
+    from_flags = reply_from(flag_port, "--port", str(flag_port), "-o", "2000000")
+    assert from_flags["minimum_heartbeat_interval"] == 2_000_000
+
+    conf.write_text("[resolver]\nport = 0\n")
+    bad = subprocess.run([sys.executable, "-m", "b0_pm", "resolver", "--config", str(conf)], env=env,
+                         capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+    assert bad.returncode == 2 and "resolver.port" in bad.stderr

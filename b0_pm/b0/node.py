@@ -109,14 +109,15 @@ class _LogTopicHandler(logging.Handler):
             self._busy = False
 
 
-def make_logger(owner) -> logging.Logger:
-    """Logger printing to stderr at B0_CONSOLE_LOGLEVEL and publishing everything on `log`.
+def make_logger(owner, level_name: str | None = None) -> logging.Logger:
+    """Logger printing to stderr at B0_CONSOLE_LOGLEVEL (else level_name, else info)
+    and publishing everything on `log`.
 
     owner provides .name, ._thread_id and ._log_publisher (None until connected).
     """
     logger = logging.Logger(f"b0.node.{owner.name}", TRACE)
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(console_level(os.environ.get("B0_CONSOLE_LOGLEVEL")))
+    console.setLevel(console_level(os.environ.get("B0_CONSOLE_LOGLEVEL") or level_name))
     console.setFormatter(_ConsoleFormatter(owner))
     logger.addHandler(console)
     logger.addHandler(_LogTopicHandler(owner))

@@ -115,7 +115,8 @@ class Resolver:
     def __init__(self, *, port: int = DEFAULT_PORT,
                  minimum_heartbeat_interval_us: int = DEFAULT_HEARTBEAT_INTERVAL_US,
                  host_id: str | None = None, bind_host: str | None = None,
-                 loop: EventLoop | None = None, max_message_size: int = DEFAULT_MAX_SIZE):
+                 loop: EventLoop | None = None, max_message_size: int = DEFAULT_MAX_SIZE,
+                 log_level: str | None = None):
         self.name = RESOLVER_NAME
         self.port = port
         self.heartbeat_interval_us = minimum_heartbeat_interval_us
@@ -127,7 +128,7 @@ class Resolver:
         self.context = zmq.Context(io_threads=1)
         self._thread_id = threading.get_ident()
         self._log_publisher = None
-        self.log = make_logger(self)
+        self.log = make_logger(self, log_level)
 
         self.nodes: dict[str, NodeEntry] = {}
         self.services: dict[str, tuple[str, str]] = {}  # service -> (node, sock_addr)
@@ -141,6 +142,25 @@ class Resolver:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
+        """Bind everything; OSError (and nothing left open) when a port cannot be had."""
+        try:
+            self._open_sockets()
+        except (OSError, zmq.ZMQError) as exc:
+            self.close()
+            raise OSError(str(exc)) from exc
+        self.nodes[RESOLVER_NAME] = NodeEntry(self.host_id, os.getpid(), time.monotonic())
+        self.services["resolv"] = (RESOLVER_NAME, self._server.address)
+        self.node_topic.add((RESOLVER_NAME, "graph", False))
+        self.node_service.add((RESOLVER_NAME, "resolv", False))
+
+        if self.heartbeat_interval_us > 0:
+            self._sweep_timer = self.loop.call_every(self.heartbeat_interval_us / 3_000_000, self.sweep)
+        else:
+            self.log.warning("Online monitoring is disabled")
+        self.log.info("Resolver listening on tcp://%s:%d (resolv also at %s), proxy XSUB %s XPUB %s",
+                      self.bind_host, self.port, self._server.address, self.xsub_address, self.xpub_address)
+
+    def _open_sockets(self) -> None:
         self._xsub = make_socket(self.context, zmq.XSUB)
         self._xpub = make_socket(self.context, zmq.XPUB)
         self._xsub.bind(f"tcp://{self.bind_host}:*")
@@ -157,22 +177,7 @@ class Resolver:
                                      response_type=RESOLV_RESPONSE, error_reply=resolver_error_reply,
                                      notify_graph=False)
         self._server.open("resolv", self.host_id)
-        try:
-            self._server.bind_also(self.port)
-        except OSError:
-            self.close()
-            raise
-        self.nodes[RESOLVER_NAME] = NodeEntry(self.host_id, os.getpid(), time.monotonic())
-        self.services["resolv"] = (RESOLVER_NAME, self._server.address)
-        self.node_topic.add((RESOLVER_NAME, "graph", False))
-        self.node_service.add((RESOLVER_NAME, "resolv", False))
-
-        if self.heartbeat_interval_us > 0:
-            self._sweep_timer = self.loop.call_every(self.heartbeat_interval_us / 3_000_000, self.sweep)
-        else:
-            self.log.warning("Online monitoring is disabled")
-        self.log.info("Resolver listening on tcp://%s:%d (resolv also at %s), proxy XSUB %s XPUB %s",
-                      self.bind_host, self.port, self._server.address, self.xsub_address, self.xpub_address)
+        self._server.bind_also(self.port)
 
     def run(self) -> None:
         """Serve until stop() or SIGINT/SIGTERM."""
@@ -182,6 +187,8 @@ class Resolver:
         self.loop.stop()
 
     def close(self) -> None:
+        if self.context.closed:
+            return
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
         self._log_publisher = None
