@@ -70,8 +70,8 @@ def test_no_resolver_with_timeout_is_a_clear_error(resolver):
 
 def test_unknown_service_fails(b0_env):
     result = call(b0_env, "nobody/svc", "--timeout", "5")
-    assert result.returncode == 1
-    assert b"Failed to resolve 'nobody/svc'" in result.stderr
+    assert result.returncode == 3
+    assert b"service 'nobody/svc' is not registered" in result.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["a", "-s", "b"], ["svc", "--timeout", "0"], ["svc", "--bogus"]])

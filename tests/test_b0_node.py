@@ -221,10 +221,16 @@ def test_duplicate_service_is_refused(b0_env, resolver):
 
 
 def test_unknown_service_fails_to_resolve(b0_env, resolver):
+    from b0_pm.b0.node import ServiceNotFound
     with Node("client") as client:
         client.service_client("nobody/here")
-        with pytest.raises(ResolverError, match="Failed to resolve 'nobody/here'"):
+        with pytest.raises(ServiceNotFound, match="Failed to resolve 'nobody/here'"):
             client.start()
+    with Node("late") as late:
+        late.start()
+        with pytest.raises(ServiceNotFound):
+            late.service_client("nobody/here")  # after start: resolved at once
+        assert late._sockets == []  # nothing half-declared is left for shutdown to notify
 
 
 def test_pub_sub_through_the_proxy_without_the_prefix_trap(b0_env, resolver):

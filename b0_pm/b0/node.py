@@ -38,6 +38,10 @@ class ResolverError(Exception):
     """The resolver refused a request or answered something unusable."""
 
 
+class ServiceNotFound(ResolverError):
+    """resolve_service: no service of that name is registered."""
+
+
 def default_host_id() -> str:
     return os.environ.get("B0_HOST_ID") or _socket.gethostname()
 
@@ -189,7 +193,12 @@ class Node:
     def _declare(self, sock):
         self._sockets.append(sock)
         if self.started:
-            self._open_socket(sock)
+            try:
+                self._open_socket(sock)
+            except BaseException:
+                self._sockets.remove(sock)  # never opened: nothing to close or notify later
+                sock.close(0)
+                raise
         return sock
 
     # -- lifecycle ------------------------------------------------------------
@@ -329,7 +338,7 @@ class Node:
         reply = self._resolver_request("resolve_service", {"service_name": name}, self._timeout())
         address = reply.get("sock_addr")
         if not reply.get("ok") or not isinstance(address, str) or not address:
-            raise ResolverError(f"Failed to resolve '{name}'")
+            raise ServiceNotFound(f"Failed to resolve '{name}'")
         return address
 
     # -- heartbeats -----------------------------------------------------------

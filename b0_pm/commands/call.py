@@ -8,7 +8,7 @@ import sys
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_TIMEOUT = 3
+EXIT_TIMEOUT = 3  # also: service not registered (as the other client commands)
 EXIT_INTERRUPTED = 130
 
 
@@ -37,7 +37,7 @@ def run(args) -> int:
         args.parser.error("--timeout must be positive")
 
     from b0_pm.b0.errors import MessageError
-    from b0_pm.b0.node import Node, ResolverError
+    from b0_pm.b0.node import Node, ResolverError, ServiceNotFound
 
     payload = sys.stdin.buffer.read()
     try:
@@ -59,6 +59,10 @@ def run(args) -> int:
             return EXIT_INTERRUPTED
         except TimeoutError as exc:
             print(f"b0-pm call: {_timeout_message(exc, service, args.timeout)}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        except ServiceNotFound:
+            print(f"b0-pm call: service '{service}' is not registered with the resolver at "
+                  f"{node.resolver_address}", file=sys.stderr)
             return EXIT_TIMEOUT
         except ResolverError as exc:
             print(f"b0-pm call: {exc} (resolver {node.resolver_address})", file=sys.stderr)
