@@ -170,9 +170,11 @@ class PMClient:
         return raw
 
     def _result(self, raw: dict, operation: str) -> dict:
-        if self.host is not None or operation == "list_hosts":
-            if raw.get("success") is not True:
-                raise Refused(raw.get("error_message") or "the HUB refused the request", raw)
+        if raw.get("success") is False:
+            # The HUB's refusal, or a PM's for a request it could not read at all (extension).
+            raise Refused(raw.get("error_message") or "the request was refused", raw)
+        if (self.host is not None or operation == "list_hosts") and raw.get("success") is not True:
+            raise Refused("the HUB's reply has no success field", raw)
         if self.host == ALL_HOSTS and operation != "list_hosts":
             # Extension: host "*" answers per host, in a list under "hosts".
             if not isinstance(raw.get("hosts"), list):

@@ -266,6 +266,13 @@ def test_status_unknown_pid_is_refused(stack):
     assert done.stderr == "b0-pm status: no such pid\n"
 
 
+def test_output_stays_clean_beside_another_client(stack):
+    # The resolver renames a second "b0-pm-client" node; that must not show in a command's output.
+    with NodeThread("b0-pm-client", resolver=stack["env"]["B0_RESOLVER"], host_id=HOST):
+        done = run(stack["env"], "status", "999999")
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "b0-pm status: no such pid\n")
+
+
 def test_status_unknown_pid_json(stack):
     done = run(stack["env"], "status", "--json", "999999")
     assert done.returncode == 1

@@ -229,6 +229,8 @@ def run_one(args, operation, describe_reply, failures=None) -> int:
     command = f"b0-pm {args.command}"
     if args.host == "":
         return usage_error(args, "--host wants a host name (or '*')")
+    # The client node's own log lines (a rename by the resolver, ...) are noise in a command's output.
+    os.environ.setdefault("B0_CONSOLE_LOGLEVEL", "error")
     try:
         with PMClient(args.host, resolver=args.resolver, timeout=args.timeout) as pm:
             reply = operation(pm)
