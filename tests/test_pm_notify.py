@@ -131,3 +131,24 @@ def test_node_logger_lines_get_journal_priorities(tmp_path):
         env = dict(os.environ, JOURNAL_STREAM=f"{status.st_dev}:{status.st_ino}")
         subprocess.run([sys.executable, "-c", NODE_LOG_PROGRAM], stderr=stderr, env=env, check=True)
     assert stderr_path.read_text() == "<3>[x] ERROR: node trouble\n"
+
+
+SYSLOG_PROGRAM = """
+import logging, sys
+from b0_pm import logsetup
+logsetup.SYSLOG_SOCKET = sys.argv[1]   # a socket of the test's instead of /dev/log
+logsetup.setup_logging("INFO", use_syslog=True, ident="b0-pm")
+logging.getLogger("b0_pm.test").warning("to syslog")
+"""
+
+
+def test_daemon_logging_goes_to_syslog_with_priority(tmp_path):
+    path = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(path)
+        syslog.settimeout(10)
+        done = subprocess.run([sys.executable, "-c", SYSLOG_PROGRAM, path], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        datagram = syslog.recv(4096).decode()
+    # facility user (1) * 8 + warning (4) = 12
+    assert datagram.startswith("<12>b0-pm[") and datagram.rstrip("\x00").endswith("]: b0_pm.test: to syslog")
