@@ -66,9 +66,9 @@ def run(args) -> int:
         print(f"b0-pm up: port {args.port} is in use (a resolver already running, e.g. "
               f"b0-resolver.service?); choose another with --port", file=sys.stderr)
         return EXIT_FAILURE
+    network = Network(args)
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    network = Network(args)
     try:
         network.start()
         network.print_instructions()
