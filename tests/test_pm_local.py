@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from b0_pm import protocol
 from b0_pm.b0 import envelope
 from tests.fixtures_b0 import resolver_request, start_resolver
 from tests.test_pm_support import (CRASH_REQUESTS, Control, PMProcess, TopicListener, assert_error_reply,
@@ -126,6 +127,8 @@ def test_start_query_list_stop_with_events(pm, programs):
     assert pid not in control.pids()
     _, exited = listener.next("process_manager/events", lambda m: m["pid"] == pid and m["event"] == "exited")
     assert exited["exit_code"] == -2 and exited["stop_requested"] is True
+    for event in (started, exited):
+        protocol.validator("event.json").validate(event)
 
 
 @pytest.mark.parametrize("program, expected", [
