@@ -4,6 +4,13 @@ Not repeated here: kill -9 of the PM with running children and adoption
 after Restart= (test_pm_systemd.py, test_backend_systemd.py).
 
 Here:
+  * kill -9 of the PM, then a child exits and another is stopped by the
+    administrator while no PM runs; the next PM (same name, once the
+    resolver swept the dead one) still manages the running one and knows the
+    exit status of the one that ended by itself (RemainAfterExit keeps it).
+    Limit, pinned down: a unit stopped cleanly by `systemctl stop` is
+    unloaded by systemd at once, so its end is unknown to a PM that was not
+    running then ("no such pid"; never reported as running);
   * a child that daemonizes (double fork + setsid) is gone after the stop,
     because the whole cgroup of the transient unit goes (compare the local
     backend in test_faults_local.py, where it survives);
@@ -56,6 +63,7 @@ class FaultsPM:
         self.control = None
 
     def start(self) -> None:
+        self.sandbox.exec(["systemctl", "reset-failed", PM_UNIT], check=False)
         argv = ["systemd-run", f"--unit={PM_UNIT}", "--property=Type=notify", "--property=NotifyAccess=main",
                 f"--setenv=B0_RESOLVER={self.resolver.address}", f"--setenv=B0_HOST_ID={HOST_ID}",
                 f"--setenv=B0PM_BIND_HOST={HOST_ID}",
@@ -64,6 +72,8 @@ class FaultsPM:
                 "--stop-signal-grace-seconds", "0.3", "--term-grace-seconds", "0.3"]
         result = self.sandbox.exec(argv, check=False, timeout=60)
         assert result.returncode == 0, result.stderr + self.journal()
+        if self.control is not None:
+            self.control.close()
         self.control = Control(resolve(self.resolver.address, SERVICE), SERVICE)
 
     def main_pid(self) -> int:
@@ -87,7 +97,8 @@ class FaultsPM:
 
 @pytest.fixture(scope="module")
 def faults_pm(systemd_sandbox):
-    resolver = start_resolver()
+    # short heartbeats: the resolver forgets a killed PM within about a second
+    resolver = start_resolver(heartbeat_interval_us=600_000)
     pm = FaultsPM(systemd_sandbox, resolver)
     try:
         pm.start()
@@ -165,3 +176,30 @@ def test_daemon_reload_while_serving(faults_pm):
     assert control.query(fresh) == {"success": True, "running": True}
     control.stop(fresh)
     control.wait_exit(fresh)
+
+
+def test_kill_9_then_exits_while_no_pm_runs_are_known_to_the_next_pm(faults_pm):
+    from tests.fixtures_b0 import resolver_request
+    control = faults_pm.control
+    running = control.start_pid(faults_pm.programs["sleeper"])
+    stopped_by_admin = control.start_pid(faults_pm.programs["sleeper"])
+    exits_alone = control.start_pid(faults_pm.programs["short"])      # exit 7 after 0.5 s
+    admin_unit = faults_pm.sandbox.exec(["ps", "-o", "unit=", "-p", str(stopped_by_admin)]).stdout.strip()
+
+    faults_pm.sandbox.exec(["systemctl", "kill", "--signal=SIGKILL", PM_UNIT])
+    faults_pm.sandbox.exec(["systemctl", "stop", admin_unit])
+    def swept():
+        graph = resolver_request(faults_pm.resolver.address, "get_graph", {})["get_graph"]["graph"]
+        return NODE_NAME not in [node["node_name"] for node in graph["nodes"]]
+    wait_until(swept, 10, "the resolver to forget the killed PM")
+    time.sleep(0.5)   # the short program has certainly ended by now
+
+    faults_pm.start()
+    control = faults_pm.control
+    assert control.query(running) == {"success": True, "running": True}
+    assert control.query(exits_alone) == {"success": True, "running": False, "exit_code": 7}
+    status = control.query(stopped_by_admin)
+    assert status == {"success": False, "error_message": "no such pid"} or status["running"] is False, status
+    assert control.pids() == [running]
+    assert control.stop(running) == {"success": True}
+    assert control.wait_exit(running)["exit_code"] == -2
