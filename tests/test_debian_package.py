@@ -457,7 +457,11 @@ def restart_keeps_programs(m: Machine, restart):
     old_main = m.main_pid(m.pm_unit)
     restart()
     load_state = m.run(["systemctl", "show", "-P", "LoadState", unit]).stdout.strip()
-    assert load_state == "loaded", f"the program's unit {unit} is {load_state}"
+    if load_state != "loaded":
+        # e.g. a property that systemd writes to /run/systemd/transient but cannot read back
+        why = m.run(["sh", "-c", f"journalctl --no-pager -b -o cat | grep -F {unit}; "
+                                 f"cat /run/systemd/transient/{unit}"], check=False).stdout
+        pytest.fail(f"the program's unit {unit} is {load_state} after the PM's restart:\n{why}")
     m.wait_for("the PM to run again", lambda: m.is_active(m.pm_unit) and m.main_pid(m.pm_unit) != old_main)
     assert m.program_running(unit), f"{unit} did not survive the PM's restart"
     # still managed: the new PM adopted it, lists it and can stop it
