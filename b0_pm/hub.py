@@ -125,6 +125,7 @@ class HubNode:
         self.notifier = notifier
         self.hosts: dict[str, HostEntry] = {}
         self._warned: set[str] = set()
+        self._unresolvable: dict[str, float] = {}  # service name -> when to ask the resolver again
         # Malformed envelopes never reach handle_request; the server answers them in the HUB's error shape.
         node.service_server(HUB_SERVICE, self.handle_request, response_type=protocol.RESPONSE_TYPE,
                             error_reply=lambda message: (protocol.hub_error_reply(f"bad request: {message}"),
@@ -198,13 +199,21 @@ class HubNode:
         self.log.warning("%s", message)
 
     def _client_for(self, host: str, service: str):
+        now = time.monotonic()
+        if now < self._unresolvable.get(service, 0.0):
+            return None  # asked the resolver less than a second ago: don't ask again at the beacon rate
         # Resolved first: a service_client whose resolution fails stays declared in the Node.
         try:
             self.node.resolve_service(service)
-            return self.node.service_client(service)
-        except (ResolverError, TimeoutError, MessageError) as exc:  # the next beacon tries again
+            client = self.node.service_client(service)
+        except (ResolverError, TimeoutError, MessageError) as exc:  # a later beacon tries again
             self._warn_once(f"cannot reach {service} of host {host}: {exc}")
+            if len(self._unresolvable) >= WARNED_LIMIT:
+                self._unresolvable.clear()
+            self._unresolvable[service] = now + SILENCE_S
             return None
+        self._unresolvable.pop(service, None)
+        return client
 
     def handle_graph(self, envelope) -> None:
         """A PM restarted under its old name (the old one left cleanly) is a new process on a new

@@ -10,6 +10,7 @@ advertise are reachable and distinct.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -299,6 +300,58 @@ def test_hub_still_serves_after_bad_input(lab):
     for frame in BAD_REQUESTS.values():
         lab.exchange(frame)
     assert lab.hub.poll() is None
+    assert lab.call({"host_name": ALPHA, "list_active_processes": {}})["success"] is True
+
+
+def test_mutated_requests_never_break_the_hub(lab):
+    rng = random.Random(4242)
+    seeds = [jsoncodec.dumps(request) for request in (
+        {"host_name": ALPHA, "query_process_status": {"pid": 1}},
+        {"host_name": BETA, "stop_process": {"pid": 999999}},
+        {"host_name": "*", "list_active_processes": {}},
+        {"list_hosts": {}},
+    )]
+    for _ in range(300):
+        payload = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(payload))
+            if rng.random() < 0.7:
+                payload[position] = rng.randrange(256)
+            else:
+                del payload[position:]
+                break
+        reply = jsoncodec.loads(lab.call_raw(bytes(payload)))
+        assert isinstance(reply.get("success"), bool), (payload, reply)
+    assert lab.hub.poll() is None
+    assert lab.call({"host_name": ALPHA, "list_active_processes": {}})["success"] is True
+
+
+def test_bad_beacons_are_dropped_and_change_nothing(lab):
+    bad_beacons = [
+        (b"{not json", "b0::process_manager::Beacon"),
+        (b"[]", "b0::process_manager::Beacon"),
+        (b'{"host_name":"x","node_name":"n"}', "b0::process_manager::Beacon"),
+        (b'{"host_name":7,"node_name":"n","service_name":"s"}', "b0::process_manager::Beacon"),
+        (b'{"host_name":"x","node_name":"n","service_name":"nobody/control"}', "wrong::Type"),
+        (b'{"host_name":"x","node_name":"n","service_name":"nobody/control"}', "b0::process_manager::Beacon"),
+        (b'{"host_name":"*","node_name":"n","service_name":"process_manager_hub/control"}',
+         "b0::process_manager::Beacon"),
+        (b'{"host_name":"%s","node_name":"n","service_name":"nobody/control"}' % ALPHA.encode(),
+         "b0::process_manager::Beacon"),
+    ]
+
+    def build(node):
+        publisher = node.publisher("process_manager/beacon")
+        node.loop.call_every(0.05, lambda: [publisher.publish(payload, ctype) for payload, ctype in bad_beacons])
+
+    before = lab.hosts()
+    with NodeThread("hub_test_bad_beacons", build, resolver=lab.resolver.address,
+                    host_id="127.0.0.1", bind_host="127.0.0.1"):
+        time.sleep(1.5)
+        after = lab.hosts()
+    assert lab.hub.poll() is None
+    assert list(after) == list(before) == [ALPHA, BETA]
+    assert after[ALPHA]["service_name"] == pm_service(ALPHA)  # the live PM keeps its host
     assert lab.call({"host_name": ALPHA, "list_active_processes": {}})["success"] is True
 
 
