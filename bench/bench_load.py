@@ -337,10 +337,10 @@ class Rig:
             self.short = self._program(bin_dir / "short", "#!/bin/sh\nexit 0\n")
             config = self.workdir / "empty.toml"
             config.write_text("")
-            env = pm_environment(self.resolver.env, B0_CONSOLE_LOGLEVEL=log_level)
-            self.pm = PMProcess(serve_argv(python_executable(), str(config), "--backend", "local",
-                                           "--host-id", HOST_ID, "--allowed-directory", str(bin_dir)),
-                                env, self.workdir / "pm.log")
+            self._pm_env = pm_environment(self.resolver.env, B0_CONSOLE_LOGLEVEL=log_level)
+            self._pm_argv = serve_argv(python_executable(), str(config), "--backend", "local",
+                                       "--host-id", HOST_ID, "--allowed-directory", str(bin_dir))
+            self.pm = PMProcess(self._pm_argv, self._pm_env, self.workdir / "pm.log")
             self.pm_address = resolve(self.resolver.address, PM_SERVICE)
             self.sleeper_pid = self.call(self.pm_address, PM_SERVICE, {
                 "start_process": {"path": self.sleeper, "args": []}})["start_process"]["pid"]
@@ -363,6 +363,11 @@ class Rig:
         except BaseException:
             self.close()
             raise
+
+    def kill_and_restart_pm(self) -> None:
+        """kill -9 the PM and start a new one at once (it may get a suffixed name: spec 7.5)."""
+        self.pm.kill()
+        self.pm = PMProcess(self._pm_argv, self._pm_env, self.workdir / "pm.log")
 
     @staticmethod
     def _program(path: Path, text: str) -> str:
@@ -414,6 +419,12 @@ class Rig:
             except Exception:
                 self.pm.kill()
         self.resolver.stop()
+        # a PM killed by a test leaves its sleeper behind (the local backend cannot adopt): ours, by cmdline
+        try:
+            if self.sleeper in Path(f"/proc/{self.sleeper_pid}/cmdline").read_text():
+                os.kill(self.sleeper_pid, signal.SIGKILL)
+        except (AttributeError, OSError):
+            pass
 
 
 # --- the benchmark -------------------------------------------------------------

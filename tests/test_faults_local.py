@@ -234,3 +234,59 @@ def test_local_backend_a_daemonized_grandchild_outlives_the_stop(tmp_path):
             except (FileNotFoundError, ProcessLookupError):
                 pass
         rig.close()
+
+
+# --- the PM dies and comes back under load through the HUB --------------------------------------
+
+HUB_ERRORS = ("did not answer within", "moved from", "stopped beaconing", "unknown host")
+
+
+def test_pm_killed_and_restarted_under_load_through_the_hub(tmp_path):
+    """20 HUB clients keep asking while the PM is killed -9 and restarted: every request gets
+    exactly one reply, and each is either the right one (its own pid named) or a clear HUB error."""
+    from b0_pm.b0 import envelope, jsoncodec
+    from bench.bench_load import IMPOSSIBLE_PID_BASE, REQUEST_TYPE, run_clients
+
+    rig = Rig(tmp_path, hub=True, log_level="info")
+    outcomes = {"right": 0, "hub_error": 0}
+    errors = []
+
+    def plan(client, index, state):
+        pid = IMPOSSIBLE_PID_BASE + client * 100_000 + index
+        request = {"host_name": HOST_ID, "stop_process": {"pid": pid}}
+
+        def check(reply):
+            if reply.get("success") is True:
+                body = reply.get("stop_process", {})
+                if body.get("success") is False and f"PID {pid} is not managed" in body.get("error_message", ""):
+                    outcomes["right"] += 1
+                    return None
+                return f"wrong reply for pid {pid}: {reply}"
+            if any(text in reply.get("error_message", "") for text in HUB_ERRORS):
+                outcomes["hub_error"] += 1
+                errors.append(reply["error_message"])
+                return None
+            return f"unexpected error for pid {pid}: {reply}"
+        return envelope.encode(HUB_SERVICE, jsoncodec.dumps(request), REQUEST_TYPE), check, f"#{index} {pid}"
+
+    try:
+        import threading
+        killer = threading.Timer(1.0, rig.kill_and_restart_pm)
+        killer.start()
+        result = run_clients(rig.hub_address, HUB_SERVICE, 20, 60, plan, timeout_s=30)
+        killer.join()
+        assert result.problems == [], result.problems[:10]
+        assert result.answered == 20 * 60
+        # the restart happened during the run, and the HUB found the new PM
+        assert outcomes["right"] > 0
+        hub = Control(rig.hub_address, HUB_SERVICE)
+        try:
+            def forwards():
+                reply = hub.call({"host_name": HOST_ID, "list_active_processes": {}})
+                return reply.get("success") is True
+            wait_until(forwards, 15, "the HUB to forward to the restarted PM", interval=0.2)
+        finally:
+            hub.close()
+        print(f"outcomes: {outcomes}, slowest {max(result.latencies):.2f} s, HUB errors: {sorted(set(errors))}")
+    finally:
+        rig.close()
