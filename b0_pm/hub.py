@@ -202,9 +202,7 @@ class HubNode:
         now = time.monotonic()
         if now < self._unresolvable.get(service, 0.0):
             return None  # asked the resolver less than a second ago: don't ask again at the beacon rate
-        # Resolved first: a service_client whose resolution fails stays declared in the Node.
         try:
-            self.node.resolve_service(service)
             client = self.node.service_client(service)
         except (ResolverError, TimeoutError, MessageError) as exc:  # a later beacon tries again
             self._warn_once(f"cannot reach {service} of host {host}: {exc}")
