@@ -117,20 +117,45 @@ def load_schema(name: str) -> dict:
     return json.loads((resources.files("b0_pm") / "schemas" / name).read_text("utf-8"))
 
 
+LOCAL_REF_PREFIX = "#/$defs/"
+
+
+def inline_local_refs(node, defs: dict, expanding: tuple = ()):
+    """The schema with every local $ref replaced by its definition.
+
+    jsonschema 4.18+ resolves each $ref through `referencing` on every
+    validation, which was half the cost of checking a request.
+    """
+    if isinstance(node, list):
+        return [inline_local_refs(item, defs, expanding) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith(LOCAL_REF_PREFIX) and ref not in expanding:
+        target = inline_local_refs(defs[ref[len(LOCAL_REF_PREFIX):]], defs, expanding + (ref,))
+        siblings = {key: inline_local_refs(value, defs, expanding)
+                    for key, value in node.items() if key != "$ref"}
+        return {**siblings, "allOf": [target]} if siblings else target
+    return {key: inline_local_refs(value, defs, expanding) for key, value in node.items()}
+
+
+def _built_validator(schema: dict):
+    from jsonschema import Draft202012Validator
+    return Draft202012Validator(inline_local_refs(schema, schema.get("$defs", {})))
+
+
 @functools.cache
 def validator(schema_name: str):
     """A validator for a whole schema file (built once)."""
-    from jsonschema import Draft202012Validator
-    return Draft202012Validator(load_schema(schema_name))
+    return _built_validator(load_schema(schema_name))
 
 
 @functools.cache
 def _operation_validator(operation: str):
     # Checks only the dispatched operation; others in the request are ignored, as in the original.
-    from jsonschema import Draft202012Validator
     schema_name = "hub-request.json" if operation in HUB_ONLY_OPERATIONS else "pm-request.json"
     full = load_schema(schema_name)
-    return Draft202012Validator({
+    return _built_validator({
         "$schema": full["$schema"],
         "$defs": full["$defs"],
         "type": "object",
@@ -460,11 +485,10 @@ def parse_hub_request(payload: bytes, content_type: str) -> HubRequest:
 @functools.cache
 def _hub_envelope_validator():
     # The top level only (host_name and its rules); operation bodies go through check_operation.
-    from jsonschema import Draft202012Validator
     full = load_schema("hub-request.json")
     top = {key: value for key, value in full.items() if key != "properties"}
     top["properties"] = {"host_name": full["properties"]["host_name"]}
-    return Draft202012Validator(top)
+    return _built_validator(top)
 
 
 def hub_error_reply(message: str) -> bytes:
