@@ -93,7 +93,7 @@ def test_start_creates_a_unit_with_the_expected_properties(drivers):
     assert shown["RemainAfterExit"] == "yes"
     assert int(shown["MainPID"]) == record["pid"]
     assert shown["ActiveState"] == "active"
-    assert "/bin/sleep 30" in shown["Description"]
+    assert shown["Description"] == f'b0-pm {drivers.instance}: ["/bin/sleep", "30"]'
     assert backend.call("running") == [record["pid"]]
     assert backend.call("status", pid=record["pid"])["running"]
 
@@ -220,6 +220,24 @@ def test_a_new_backend_adopts_running_units_and_exit_records_after_a_kill_9(driv
     second.call("stop", pid=running["pid"])
     ended = second.call("wait_exit", pid=running["pid"], seconds=10)
     assert (ended["exit_code"], ended["signal"]) == (-signal.SIGINT, signal.SIGINT)
+
+
+def test_units_survive_a_daemon_reload_and_are_adopted_with_their_arguments(drivers, systemd_sandbox):
+    # Every apt install or upgrade reloads systemd, which re-reads the transient unit files.
+    first = drivers.start()
+    args = ["-c", "sleep 1021", "sh", "$HOME", "cost: $$5", 'q"x', "b\\s", "new\nline", "%n", "é"]
+    running = first.call("start", path="/bin/sh", args=args)
+    drivers.kill(first)
+    systemd_sandbox.exec(["systemctl", "daemon-reload"])
+
+    assert drivers.sub_states() == {running["unit"]: "running"}
+    [adopted] = drivers.start().call("adopt")
+    assert (adopted["pid"], adopted["running"]) == (running["pid"], True)
+    assert adopted["args"] == args
+    shown = drivers.show(running["unit"], "LoadState", "MainPID")
+    assert shown == {"LoadState": "loaded", "MainPID": str(running["pid"])}
+    cmdline = systemd_sandbox.exec(["cat", f"/proc/{running['pid']}/cmdline"]).stdout
+    assert cmdline.split("\0")[1:-1] == args   # and the program got them verbatim
 
 
 def test_reconciliation_finds_an_exit_whose_signal_never_came(drivers, systemd_sandbox):

@@ -8,29 +8,54 @@ receives signals and whose fd the PM's loop polls.
 
 Works with pystemd 0.11 (Debian bookworm) to 0.15: only DBus.call_method,
 get_property, process, get_fd, apply_signature, path_encode and
-unit_signatures.signature_array are used; missing property signatures are
-added to KNOWN_UNIT_SIGNATURES at import.
+unit_signatures.signature_array are used, and only properties 0.11 knows.
 """
 
+import json
 import logging
 import os
 import re
 import secrets
 import select
-import shlex
 import time
 
 from pystemd.dbusexc import DBusBaseError as DBusError   # DBusError itself is a factory function
 from pystemd.dbuslib import DBus, apply_signature, path_encode
-from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
+from pystemd.systemd1.unit_signatures import signature_array
 
 from b0_pm.backends.base import (Backend, BackendLost, ProcessRecord, StartError, TrackedProcess,
                                  describe_exec_failure)
 
 log = logging.getLogger(__name__)
 
-# ExecStartEx carries the "no-env-expand" flag: arguments reach the program verbatim, no $VAR expansion
-KNOWN_UNIT_SIGNATURES.setdefault(b"ExecStartEx", b"a(sasas)")
+# systemd expands $VAR in ExecStart arguments when it execs; "$$" stands for a literal "$".
+# (ExecStartEx with "no-env-expand" would say it directly, but systemd 252 cannot read that back
+# from the transient unit file after a daemon-reload: the unit turns bad-setting, adopt() loses it.)
+def _escape_env_expansion(argument: bytes) -> bytes:
+    return argument.replace(b"$", b"$$")
+
+
+def _unescape_env_expansion(argument: bytes) -> bytes:
+    return argument.replace(b"$$", b"$")
+
+
+def _describe_command(instance: str, path: str, args: list[str]) -> bytes:
+    # ASCII JSON: printable (no newline can break the unit file) and read back unchanged after a
+    # daemon-reload, unlike ExecStart, whose quoting systemd 252 does not round-trip.
+    return f"b0-pm {instance}: {json.dumps([path, *args])}".encode()
+
+
+def _command_from_description(instance: str, description: bytes) -> list[str] | None:
+    prefix = f"b0-pm {instance}: "
+    text = description.decode(errors="replace")
+    if not text.startswith(prefix):
+        return None
+    try:
+        command = json.loads(text[len(prefix):])
+    except ValueError:
+        return None
+    valid = isinstance(command, list) and command and all(isinstance(word, str) for word in command)
+    return command if valid else None
 
 SYSTEMD = b"org.freedesktop.systemd1"
 MANAGER_PATH = b"/org/freedesktop/systemd1"
@@ -198,9 +223,9 @@ class SystemdBackend(Backend):
         name = f"{self.unit_prefix}{unit_name_part(program)}-{secrets.token_hex(4)}.service"
         argv = [os.fsencode(path), *map(os.fsencode, args)]
         properties = {
-            b"Description": f"b0-pm {self.instance}: {shlex.join([path, *args])}".encode(),
+            b"Description": _describe_command(self.instance, path, args),
             b"Slice": self.slice.encode(),
-            b"ExecStartEx": [(argv[0], argv, [b"no-env-expand"])],
+            b"ExecStart": [(argv[0], [_escape_env_expansion(arg) for arg in argv], False)],
             b"Type": b"exec",                   # the job ends once the program is exec'd
             b"RemainAfterExit": True,           # the exit status stays in systemd, also across a PM crash
             b"KillMode": b"control-group",
@@ -355,9 +380,13 @@ class SystemdBackend(Backend):
                 continue   # collected since it was listed
             if not service.get(b"ExecMainPID") or not service.get(b"ExecStart"):
                 continue   # never forked: nothing to serve
-            exec_path, argv = service[b"ExecStart"][0][0], service[b"ExecStart"][0][1]
-            record = ProcessRecord(pid=service[b"ExecMainPID"], path=os.fsdecode(exec_path),
-                                   args=[os.fsdecode(arg) for arg in argv[1:]], unit=name,
+            command = _command_from_description(self.instance, entry[1])
+            if command is None:   # not written by this backend: ExecStart is the best we have
+                exec_path, argv = service[b"ExecStart"][0][0], service[b"ExecStart"][0][1]
+                command = [os.fsdecode(exec_path),
+                           *(os.fsdecode(_unescape_env_expansion(arg)) for arg in argv[1:])]
+            record = ProcessRecord(pid=service[b"ExecMainPID"], path=command[0], args=command[1:],
+                                   unit=name,
                                    started_at=service.get(b"ExecMainStartTimestamp", 0) / 1e6)
             if service[b"ExecMainCode"] != 0:
                 _apply_exit(record, service)   # history, not news: not reported by process_events()
