@@ -38,6 +38,46 @@ def sandbox_unavailable_reason() -> str | None:
     return None
 
 
+# PID 1 here is not systemd, so systemd-nspawn --keep-unit puts the container's
+# payload in "payload" beside the cgroup it was started from. Containers started
+# from one cgroup would share that tree, and same-named units of two containers
+# (dbus.service, b0-pm@vm.service) one cgroup: one container's systemd killed
+# the other's (a restart failed with 219/CGROUP). Each nspawn therefore starts
+# from a cgroup of its own, in each hierarchy systemd uses.
+CGROUP_MOUNTS = {"0": "/sys/fs/cgroup/unified", "name=systemd": "/sys/fs/cgroup/systemd"}
+
+
+def systemd_cgroup_mounts() -> list[Path]:
+    """Mount points of the cgroup hierarchies systemd uses on this machine."""
+    mounts = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        number, controllers, _ = line.split(":", 2)
+        key = "0" if number == "0" else controllers
+        if key not in CGROUP_MOUNTS:
+            continue
+        mount = Path(CGROUP_MOUNTS[key])
+        if key == "0" and not (mount / "cgroup.procs").exists():
+            mount = Path("/sys/fs/cgroup")   # pure cgroup v2
+        if (mount / "cgroup.procs").exists():
+            mounts.append(mount)
+    return mounts
+
+
+def remove_cgroup_tree(directory: Path) -> None:
+    """rmdir bottom-up (cgroup directories hold only kernel files: never rm -r them)."""
+    if not directory.is_dir():
+        return
+    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            sub.rmdir()
+        except OSError:
+            pass
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
 class Sandbox:
     """A booted container; every process it starts is ended by close()."""
 
@@ -45,6 +85,7 @@ class Sandbox:
         self.workdir = workdir
         self.machine = machine
         self.root = workdir / "root"
+        self.cgroups = [mount / workdir.name for mount in systemd_cgroup_mounts()]
         self.nspawn: subprocess.Popen | None = None
         self.leader_pid: int | None = None
         self._daemons: list[subprocess.Popen] = []
@@ -112,6 +153,8 @@ class Sandbox:
         self._mount(["mount", "-t", "overlay", "overlay", "-o",
                      f"lowerdir=/,upperdir={overlay_dir}/upper,workdir={overlay_dir}/work",
                      str(self.root)], self.root)
+        for cgroup in self.cgroups:
+            cgroup.mkdir(exist_ok=True)
         bind_options = [f"--bind={path}:{path}" for path in binds]
         with open(self.log_path, "wb") as log:
             self.nspawn = subprocess.Popen(
@@ -121,8 +164,13 @@ class Sandbox:
                  # inside too and fight the host for its ports, as the network namespace is shared
                  f"systemd.unit={BOOT_TARGET}"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._enter_own_cgroups)
         self._wait_until_running(timeout)
+
+    def _enter_own_cgroups(self) -> None:
+        # runs in the child between fork and exec: "0" moves the writing process
+        for cgroup in self.cgroups:
+            (cgroup / "cgroup.procs").write_text("0")
 
     def _find_leader(self) -> int | None:
         children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children")
@@ -178,6 +226,8 @@ class Sandbox:
             if subprocess.run(["mountpoint", "-q", str(target)]).returncode == 0:
                 subprocess.run(["umount", "-l", str(target)], check=False)  # last resort
         self._mounted.clear()
+        for cgroup in self.cgroups:
+            remove_cgroup_tree(cgroup)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

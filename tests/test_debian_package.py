@@ -27,7 +27,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -203,97 +202,17 @@ class Machine:
         return str(pid) in out.split()
 
 
-# --- a cgroup of the container's own ------------------------------------------------
-#
-# PID 1 of this machine is not systemd, so systemd-nspawn --keep-unit puts the
-# container's payload in "payload" beside the cgroup it was started from. Every
-# container started from the same cgroup then shares one /payload tree, and
-# their systemds manage the same directories: units with the same name in two
-# containers (b0-pm@vm.service, dbus.service) share a cgroup, and one
-# container's systemd removes or kills the other's. That showed here as a
-# restart failing with 219/CGROUP. Starting nspawn from a fresh cgroup of its
-# own gives it a payload tree of its own.
-
-CGROUP_MOUNTS = {"0": "/sys/fs/cgroup/unified", "name=systemd": "/sys/fs/cgroup/systemd"}
-
-
-def own_cgroups() -> dict[Path, str]:
-    """{hierarchy mount: this process's cgroup path in it} for the hierarchies systemd uses."""
-    found = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        number, controllers, path = line.split(":", 2)
-        key = "0" if number == "0" else controllers
-        if key in CGROUP_MOUNTS:
-            mount = Path(CGROUP_MOUNTS[key])
-            if key == "0" and not (mount / "cgroup.procs").exists():
-                mount = Path("/sys/fs/cgroup")  # pure cgroup v2
-            if (mount / "cgroup.procs").exists():
-                found[mount] = path
-    return found
-
-
-def remove_cgroup_tree(directory: Path):
-    """rmdir bottom-up (cgroup directories hold only kernel files, never rm -r them)."""
-    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        try:
-            sub.rmdir()
-        except OSError:
-            pass
-    try:
-        directory.rmdir()
-    except OSError:
-        pass
-
-
-@contextmanager
-def private_cgroup():
-    """Run the block from a new cgroup (it inherits to processes started in
-    it); the test process moves back as soon as the block has started them.
-    The cgroups stay for the processes; if the block fails they are removed."""
-    name = f"b0pm-pkgtest-{os.getpid()}-{time.monotonic_ns()}"
-    original = own_cgroups()
-    created = []
-    completed = False
-    try:
-        for mount in original:
-            (mount / name).mkdir()
-            created.append(mount / name)
-            (mount / name / "cgroup.procs").write_text(str(os.getpid()))
-        yield created
-        completed = True
-    finally:
-        for mount, path in original.items():
-            (mount / path.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
-        if not completed:
-            for cgroup in created:
-                remove_cgroup_tree(cgroup)
-
-
-def boot_private_sandbox():
-    """boot_sandbox() in a payload cgroup tree of its own; close with close_private_sandbox."""
-    with private_cgroup() as cgroups:
-        sandbox = boot_sandbox(binds=())  # nothing of the checkout: only the .deb goes in
-    sandbox.private_cgroups = cgroups
-    return sandbox
-
-
-def close_private_sandbox(sandbox):
-    sandbox.close()
-    for cgroup in sandbox.private_cgroups:
-        remove_cgroup_tree(cgroup)
-
-
 @pytest.fixture(scope="module")
 def installed(deb_dir):
     """A container with the package installed by apt."""
     require_sandbox()
-    sandbox = boot_private_sandbox()
+    sandbox = boot_sandbox(binds=())  # nothing of the checkout: only the .deb goes in
     try:
         machine = Machine(sandbox, free_port())
         install(machine, the_deb(deb_dir))
         yield machine
     finally:
-        close_private_sandbox(sandbox)
+        sandbox.close()
 
 
 def require_sandbox():
@@ -534,7 +453,7 @@ def test_autopkgtest_smoke_passes(deb_dir):
     """debian/tests/smoke, as autopkgtest runs it on a throw-away machine:
     as root, after installing the package, in a fresh container."""
     require_sandbox()
-    sandbox = boot_private_sandbox()
+    sandbox = boot_sandbox(binds=())
     try:
         m = Machine(sandbox, free_port())
         install(m, the_deb(deb_dir))
@@ -548,4 +467,4 @@ def test_autopkgtest_smoke_passes(deb_dir):
         if result.returncode != 0 or "smoke: ok" not in result.stdout:
             m.fail(f"debian/tests/smoke exited {result.returncode}:\n{result.stdout}{result.stderr}")
     finally:
-        close_private_sandbox(sandbox)
+        sandbox.close()
