@@ -88,9 +88,11 @@ def route_node_logger(node_logger: logging.Logger) -> None:
     """A b0 node's logger prints to stderr itself (b0 format, B0_CONSOLE_LOGLEVEL): give
     those lines journal priorities, or send them where setup_logging() sends the rest."""
     destination = logging.getLogger().handlers
+    if not destination:
+        return   # setup_logging() was not called: the node keeps its own console
     console = [handler for handler in node_logger.handlers
                if type(handler) is logging.StreamHandler and handler.stream is sys.stderr]
-    if destination and getattr(destination[0], "stream", None) is sys.stderr:
+    if getattr(destination[0], "stream", None) is sys.stderr:
         if isinstance(destination[0].formatter, JournalFormatter):
             for handler in console:
                 handler.setFormatter(JournalFormatter(handler.formatter))

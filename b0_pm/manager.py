@@ -17,6 +17,7 @@ import time
 
 from b0_pm import protocol
 from b0_pm.b0.node import Node, default_host_id, default_resolver_address
+from b0_pm.logsetup import route_node_logger
 from b0_pm.notify import Notifier
 from b0_pm.policy import StartPolicy
 
@@ -64,6 +65,7 @@ class ProcessManager:
         self.node = Node(NODE_NAME, resolver=self.resolver_address, host_id=self.host_id,
                          max_message_size=config.max_message_bytes)
         self.log = self.node.log
+        route_node_logger(self.log)   # before the policy's first warning
         self.environment = child_environment(self.host_id, self.resolver_address)
         self.policy = StartPolicy.from_config(config, base_environment=self.environment, log=self.log)
         self.processor = protocol.RequestProcessor(backend, self.policy, self.node.name,

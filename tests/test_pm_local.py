@@ -248,8 +248,11 @@ def test_sigterm_ends_cleanly_and_tells_the_resolver(resolver, empty_config, tmp
     refuses, then SIGTERM."""
     notify = notification_socket(tmp_path / "notify")
     argv = serve_argv(BOOKWORM_PYTHON, empty_config, "--backend", "local", "--host-id", "localhost")
-    process = PMProcess(argv, pm_environment(resolver.env, NOTIFY_SOCKET=str(tmp_path / "notify")),
-                        tmp_path / "pm.log")
+    log_path = tmp_path / "pm.log"
+    log_path.touch()
+    journal_stream = f"{log_path.stat().st_dev}:{log_path.stat().st_ino}"   # its stderr, as under systemd
+    process = PMProcess(argv, pm_environment(resolver.env, NOTIFY_SOCKET=str(tmp_path / "notify"),
+                                             JOURNAL_STREAM=journal_stream), log_path)
     try:
         notifications_until(notify, b"READY=1")
         control = Control(resolve(resolver.address, "process_manager@localhost/control"),
@@ -257,7 +260,9 @@ def test_sigterm_ends_cleanly_and_tells_the_resolver(resolver, empty_config, tmp
         refused = control.start("/bin/true")
         control.close()
         assert refused["success"] is False and "no allowed directory" in refused["error_message"]
-        assert "--allowed-directory" in process.log()
+        # the policy's warning says how to allow programs, at warning priority for journalctl -p
+        hint = next(line for line in process.log().splitlines() if "--allowed-directory" in line)
+        assert hint.startswith("<4>"), hint
         assert process.terminate() == 0
         notifications_until(notify, b"STOPPING=1", timeout=1)
         graph = resolver_request(resolver.address, "get_graph", {})["get_graph"]["graph"]

@@ -96,7 +96,7 @@ def serve(cfg, level: int, *, log_file: str | None = None, use_syslog: bool = Fa
     import logging
 
     from b0_pm.b0.node import ResolverError
-    from b0_pm.logsetup import route_node_logger, setup_logging
+    from b0_pm.logsetup import setup_logging
     from b0_pm.manager import ProcessManager, resolve_host_id
     from b0_pm.notify import Notifier
 
@@ -109,7 +109,6 @@ def serve(cfg, level: int, *, log_file: str | None = None, use_syslog: bool = Fa
         logging.getLogger("b0_pm.serve").error("%s", exc)
         return EXIT_FAILURE
     manager = ProcessManager(cfg, backend, host_id=host_id, read_log=read_log, notifier=notifier)
-    route_node_logger(manager.log)
     # until the loop takes SIGTERM over, it ends the start-up like Ctrl-C: cleanly, not abruptly
     signal.signal(signal.SIGTERM, _interrupt)
     try:
