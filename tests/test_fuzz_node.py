@@ -353,10 +353,6 @@ def test_memory_stays_bounded_after_ten_thousand_bad_messages(pm, programs):
 
 # --- one request must not stall the node ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG (protocol.py, pm-request.json): jsonschema checks every item of "
-                   "start_process.args (and environment) before maxItems refuses the array, ~30 us each on the "
-                   "PM's only thread: a 0.45 MB request of 150,000 empty args stalls the PM for seconds "
-                   "(a 0.75 MB one for ~10-30 s, past a WatchdogSec)")
 @pytest.mark.parametrize("field", ["args", "environment"])
 def test_one_oversized_array_does_not_stall_the_pm(pm, programs, field):
     process, control = pm
