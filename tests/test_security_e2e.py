@@ -245,9 +245,6 @@ def test_the_refusals_are_logged_and_the_pm_still_serves(pm, site):
     test_positive_control_the_allowed_program_runs(pm, site)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (backends/base.py describe_exec_failure): an exec refused for the "
-                   "target user (EACCES on a directory only root may enter) is described from the PM's own "
-                   "view as 'exec format error or missing interpreter'")
 def test_a_program_the_allowed_user_cannot_reach_is_refused_with_the_real_reason(pm, site, tmp_path):
     hidden = site["allowed"] / "private"
     hidden.mkdir(mode=0o700)

@@ -5,6 +5,7 @@ Times: `started_at`/`ended_at` are epoch seconds (for people and replies);
 deadlines (`tick(now)`) are `time.monotonic()` seconds.
 """
 
+import errno
 import logging
 import os
 import signal
@@ -41,8 +42,8 @@ class NotManaged(Exception):
     """The pid is not (or no longer) managed by this backend."""
 
 
-def describe_exec_failure(path: str) -> str:
-    """Why exec(path) failed, in words, from what the file looks like now."""
+def describe_exec_failure(path: str, error_number: int | None = None) -> str:
+    """Why exec(path) failed, in words, from what the file looks like now (and the errno if known)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -53,6 +54,9 @@ def describe_exec_failure(path: str) -> str:
         return "is a directory"
     if not os.access(path, os.X_OK):
         return "permission denied (not executable)"
+    if error_number == errno.EACCES:
+        # executable for the PM, refused for the user it runs programs as (a directory on the way)
+        return "permission denied"
     # it exists and is executable: the kernel refused its format, or its #! interpreter is missing
     return "exec format error or missing interpreter"
 

@@ -55,7 +55,7 @@ class LocalBackend(Backend):
                              f"{user or group!r}: no such {'user' if user else 'group'}") from error
         except OSError as error:
             if error.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.ENOTDIR):
-                raise StartError(f"cannot execute {path}: {describe_exec_failure(path)}") from error
+                raise StartError(f"cannot execute {path}: {describe_exec_failure(path, error.errno)}") from error
             raise StartError(f"cannot start {path}: {error.strerror or error}") from error
         pidfd = os.pidfd_open(process.pid)
         self._epoll.register(pidfd, select.EPOLLIN)
