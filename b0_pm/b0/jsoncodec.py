@@ -55,6 +55,9 @@ def _write(obj, out: list[str]) -> None:
             _write(value, out)
         out.append("}")
     elif isinstance(obj, (list, tuple)):
+        if all(type(value) is int for value in obj):   # pid lists, the one large array sent
+            out.append("[" + ",".join(map(str, obj)) + "]")
+            return
         out.append("[")
         for i, value in enumerate(obj):
             if i:
