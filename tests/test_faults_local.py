@@ -31,19 +31,10 @@ import pytest
 
 from bench.bench_load import HOST_ID, HUB_SERVICE, PM_SERVICE, Rig
 from tests.fixtures_b0 import resolver_request, start_resolver
+from tests.polling import wait_until
 from tests.test_pm_support import (Control, pm_environment, python_executable, resolve, serve_argv,
                                    write_program)
 
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- the resolver restarts ----------------------------------------------------------------

@@ -28,6 +28,7 @@ import time
 import pytest
 
 from tests.fixtures_b0 import REPO_ROOT, start_resolver
+from tests.polling import wait_until
 from tests.test_pm_support import Control, resolve, write_program
 
 pytestmark = pytest.mark.systemd
@@ -108,16 +109,6 @@ def faults_pm(systemd_sandbox):
         pm.close()
         resolver.stop()
 
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_a_daemonized_grandchild_is_gone_after_the_stop(faults_pm):

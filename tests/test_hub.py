@@ -24,6 +24,7 @@ import pytest
 from b0_pm import protocol
 from b0_pm.b0 import envelope, jsoncodec
 from tests.fixtures_b0 import NodeThread, REPO_ROOT, req_exchange, resolver_request, start_resolver
+from tests.polling import wait_until
 
 HUB_SERVICE = "process_manager_hub/control"
 ACTIVE_NODES_TOPIC = "process_manager_hub/active_nodes"
@@ -37,16 +38,6 @@ SLEEPER = "#!/bin/sh\nexec sleep 600\n"
 def pm_service(host: str, suffix: str = "") -> str:
     return f"process_manager@{host}{suffix}/control"
 
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class HubLab:

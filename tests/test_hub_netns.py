@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_b0 import REPO_ROOT
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -107,16 +108,6 @@ class Client:
         self.send(None, service=service, timeout=2.0)
         return self.receive().get("address")
 
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
