@@ -21,15 +21,14 @@ Here:
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 
-from tests.fixtures_b0 import REPO_ROOT, start_resolver
+from tests.fixtures_b0 import start_resolver
 from tests.polling import wait_until
-from tests.test_pm_support import Control, resolve, write_program
+from tests.test_pm_support import Control, SandboxPM, write_program
 
 pytestmark = pytest.mark.systemd
 
@@ -37,9 +36,7 @@ HOST_ID = "127.0.0.6"                  # own host id: own node name and program-
 NODE_NAME = f"process_manager@{HOST_ID}"
 SERVICE = f"{NODE_NAME}/control"
 PM_UNIT = "b0pm-faults-pm.service"
-PROGRAM_UNITS = f"b0pm-{HOST_ID}-*"
 WORKDIR = "/var/lib/b0pm-faults"       # inside the container
-VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
 
 DAEMONIZER = """#!/bin/sh
 ( setsid sh -c 'sleep 300 & echo $! > "$1"' sh "$1" & )
@@ -47,62 +44,20 @@ exec sleep 300
 """
 
 
-class FaultsPM:
-    def __init__(self, sandbox, resolver):
-        self.sandbox = sandbox
-        self.resolver = resolver
-        host_dir = sandbox.root / WORKDIR.lstrip("/")
-        (host_dir / "bin").mkdir(parents=True, exist_ok=True)
-        (host_dir / "out").mkdir(exist_ok=True)
-        (host_dir / "empty.toml").write_text("")
-        self.host_out = host_dir / "out"
-        self.programs = {}
-        for name, text in (("sleeper", "#!/bin/sh\nexec sleep 300\n"), ("daemonizer", DAEMONIZER),
-                           ("short", "#!/bin/sh\nsleep 0.5\nexit 7\n")):
-            write_program(str(host_dir / "bin"), name, text)
-            self.programs[name] = f"{WORKDIR}/bin/{name}"
-        self.control = None
-
-    def start(self) -> None:
-        self.sandbox.exec(["systemctl", "reset-failed", PM_UNIT], check=False)
-        argv = ["systemd-run", f"--unit={PM_UNIT}", "--property=Type=notify", "--property=NotifyAccess=main",
-                f"--setenv=B0_RESOLVER={self.resolver.address}", f"--setenv=B0_HOST_ID={HOST_ID}",
-                f"--setenv=B0PM_BIND_HOST={HOST_ID}",
-                VENV_PYTHON, "-m", "b0_pm", "serve", "--config", f"{WORKDIR}/empty.toml",
-                "--backend", "systemd", "--host-id", HOST_ID, "--allowed-directory", f"{WORKDIR}/bin",
-                "--stop-signal-grace-seconds", "0.3", "--term-grace-seconds", "0.3"]
-        result = self.sandbox.exec(argv, check=False, timeout=60)
-        assert result.returncode == 0, result.stderr + self.journal()
-        if self.control is not None:
-            self.control.close()
-        self.control = Control(resolve(self.resolver.address, SERVICE), SERVICE)
-
-    def main_pid(self) -> int:
-        out = self.sandbox.exec(["systemctl", "show", PM_UNIT, "--property=MainPID"]).stdout
-        return int(out.strip().split("=", 1)[1])
-
-    def alive(self, pid: int) -> bool:
-        return self.sandbox.exec(["test", "-d", f"/proc/{pid}"], check=False).returncode == 0
-
-    def journal(self) -> str:
-        return self.sandbox.exec(["journalctl", "--no-pager", "-o", "cat", "-u", PM_UNIT], check=False).stdout
-
-    def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
-        for argv in (["systemctl", "kill", "--signal=SIGKILL", PM_UNIT, PROGRAM_UNITS],
-                     ["systemctl", "stop", PM_UNIT, PROGRAM_UNITS],
-                     ["systemctl", "reset-failed", PM_UNIT, PROGRAM_UNITS]):
-            self.sandbox.exec(argv, check=False)
+def write_fault_programs(directory) -> dict[str, str]:
+    return {name: write_program(directory, name, text)
+            for name, text in (("sleeper", "#!/bin/sh\nexec sleep 300\n"), ("daemonizer", DAEMONIZER),
+                               ("short", "#!/bin/sh\nsleep 0.5\nexit 7\n"))}
 
 
 @pytest.fixture(scope="module")
 def faults_pm(systemd_sandbox):
     # short heartbeats: the resolver forgets a killed PM within about a second
     resolver = start_resolver(heartbeat_interval_us=600_000)
-    pm = FaultsPM(systemd_sandbox, resolver)
+    pm = SandboxPM(systemd_sandbox, resolver, host_id=HOST_ID, unit=PM_UNIT, workdir=WORKDIR,
+                   write_programs=write_fault_programs)
     try:
-        pm.start()
+        pm.start_service()
         yield pm
     finally:
         print(pm.journal()[-4000:])
@@ -185,7 +140,7 @@ def test_kill_9_then_exits_while_no_pm_runs_are_known_to_the_next_pm(faults_pm):
     wait_until(swept, 10, "the resolver to forget the killed PM")
     time.sleep(0.5)   # the short program has certainly ended by now
 
-    faults_pm.start()
+    faults_pm.start_service()
     control = faults_pm.control
     assert control.query(running) == {"success": True, "running": True}
     assert control.query(exits_alone) == {"success": True, "running": False, "exit_code": 7}

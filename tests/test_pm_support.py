@@ -228,3 +228,82 @@ def write_test_programs(directory) -> dict[str, str]:
 def python_executable() -> str:
     """The venv's python (the repo is at the same path inside the sandbox)."""
     return str(REPO_ROOT / ".venv" / "bin" / "python") if (REPO_ROOT / ".venv").exists() else sys.executable
+
+
+SANDBOX_VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
+
+
+class SandboxPM:
+    """A PM inside the systemd sandbox as a Type=notify transient service (systemd-run), like
+    b0-pm@.service, and a control client on the host that follows it across restarts.
+
+    `write_programs(directory)` writes the programs it may start and returns {name: path};
+    `properties` are extra systemd-run --property values (a watchdog, a restart policy)."""
+
+    def __init__(self, sandbox, resolver, *, host_id: str, unit: str, workdir: str, write_programs,
+                 properties=(), ladder_step_s: float = 0.3):
+        self.sandbox = sandbox
+        self.resolver = resolver
+        self.host_id = host_id
+        self.unit = unit
+        self.workdir = workdir            # inside the container (not /tmp: the container mounts its own)
+        self.node_name = f"process_manager@{host_id}"
+        self.program_units = f"b0pm-{host_id}-*"
+        self.properties = properties
+        self.ladder_step_s = ladder_step_s
+        self.control = None
+        host_dir = sandbox.root / workdir.lstrip("/")
+        (host_dir / "bin").mkdir(parents=True, exist_ok=True)
+        (host_dir / "out").mkdir(exist_ok=True)
+        (host_dir / "empty.toml").write_text("")
+        self.host_out = host_dir / "out"
+        self.programs = {name: f"{workdir}/bin/{os.path.basename(path)}"
+                         for name, path in write_programs(str(host_dir / "bin")).items()}
+
+    def start_service(self) -> None:
+        self.sandbox.exec(["systemctl", "reset-failed", self.unit], check=False)
+        environment = {"B0_RESOLVER": self.resolver.address, "B0_HOST_ID": self.host_id,
+                       "B0PM_BIND_HOST": self.host_id}
+        argv = ["systemd-run", f"--unit={self.unit}", "--property=Type=notify", "--property=NotifyAccess=main",
+                *(f"--property={value}" for value in self.properties),
+                *(f"--setenv={name}={value}" for name, value in environment.items()),
+                SANDBOX_VENV_PYTHON, "-m", "b0_pm", "serve", "--config", f"{self.workdir}/empty.toml",
+                "--backend", "systemd", "--host-id", self.host_id,
+                "--allowed-directory", f"{self.workdir}/bin",
+                "--stop-signal-grace-seconds", str(self.ladder_step_s),
+                "--term-grace-seconds", str(self.ladder_step_s)]
+        result = self.sandbox.exec(argv, check=False, timeout=60)
+        # Type=notify: systemd-run returns once the start job is done, i.e. after READY=1
+        assert result.returncode == 0, result.stderr + self.journal()
+        self.connect(self.node_name)
+
+    def connect(self, node_name: str) -> None:
+        service = f"{node_name}/control"
+        if self.control is not None:
+            self.control.close()
+        self.control = Control(resolve(self.resolver.address, service), service)
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        result = self.sandbox.exec(["systemctl", "show", unit, *(f"--property={p}" for p in properties)])
+        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+    def main_pid(self) -> int:
+        return int(self.show(self.unit, "MainPID")["MainPID"])
+
+    def unit_of(self, pid: int) -> str:
+        return self.sandbox.exec(["ps", "-o", "unit=", "-p", str(pid)]).stdout.strip()
+
+    def journal(self, unit: str | None = None, *options: str) -> str:
+        return self.sandbox.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit or self.unit, *options],
+                                 check=False).stdout
+
+    def alive(self, pid: int) -> bool:
+        return self.sandbox.exec(["test", "-d", f"/proc/{pid}"], check=False).returncode == 0
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        for argv in (["systemctl", "kill", "--signal=SIGKILL", self.unit, self.program_units],
+                     ["systemctl", "stop", self.unit, self.program_units],
+                     ["systemctl", "reset-failed", self.unit, self.program_units]):
+            self.sandbox.exec(argv, check=False)

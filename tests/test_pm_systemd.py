@@ -5,7 +5,6 @@ The PM itself runs inside the container as a Type=notify transient service
 the resolver and the test's sockets are on the host (loopback is shared).
 Pids in replies are the container's. One PM serves the whole module."""
 
-import os
 import signal
 import subprocess
 import time
@@ -13,78 +12,17 @@ import time
 import pytest
 
 from tests.fixtures_b0 import REPO_ROOT, free_port, resolver_request, start_resolver
-from tests.test_pm_support import (CRASH_REQUESTS, Control, TopicListener, assert_error_reply, resolve,
-                                   write_test_programs)
+from tests.test_pm_support import (CRASH_REQUESTS, SANDBOX_VENV_PYTHON, Control, SandboxPM, TopicListener,
+                                   assert_error_reply, resolve, write_test_programs)
 
 pytestmark = pytest.mark.systemd
 
 HOST_ID = "127.0.0.1"
 NODE_NAME = f"process_manager@{HOST_ID}"
 PM_UNIT = "b0pm-test-pm.service"
-PROGRAM_UNITS = "b0pm-127.0.0.1-*"
 WORKDIR = "/var/lib/b0pm-test"      # inside the container (not /tmp: the container mounts its own)
 LADDER_STEP_S = 0.3
-VENV_PYTHON = str(REPO_ROOT / ".venv" / "bin" / "python")
 BOOKWORM_PYTHON = "/usr/bin/python3"
-
-
-class SandboxPM:
-    """The PM service in the sandbox and a control client that follows it across restarts."""
-
-    def __init__(self, sandbox, resolver):
-        self.sandbox = sandbox
-        self.resolver = resolver
-        self.control = None
-        host_dir = sandbox.root / WORKDIR.lstrip("/")
-        (host_dir / "bin").mkdir(parents=True, exist_ok=True)
-        (host_dir / "out").mkdir(exist_ok=True)
-        (host_dir / "empty.toml").write_text("")
-        self.host_out = host_dir / "out"
-        self.programs = {name: os.path.join(WORKDIR, "bin", os.path.basename(path))
-                         for name, path in write_test_programs(str(host_dir / "bin")).items()}
-
-    def start_service(self) -> None:
-        environment = {"B0_RESOLVER": self.resolver.address, "B0_HOST_ID": HOST_ID,
-                       "B0PM_BIND_HOST": "127.0.0.1"}
-        argv = ["systemd-run", f"--unit={PM_UNIT}", "--property=Type=notify", "--property=NotifyAccess=main",
-                "--property=WatchdogSec=3", "--property=Restart=on-failure", "--property=RestartSec=0.2",
-                *(f"--setenv={name}={value}" for name, value in environment.items()),
-                VENV_PYTHON, "-m", "b0_pm", "serve", "--config", f"{WORKDIR}/empty.toml",
-                "--backend", "systemd", "--host-id", HOST_ID,
-                "--allowed-directory", f"{WORKDIR}/bin",
-                "--stop-signal-grace-seconds", str(LADDER_STEP_S), "--term-grace-seconds", str(LADDER_STEP_S)]
-        result = self.sandbox.exec(argv, check=False, timeout=60)
-        # Type=notify: systemd-run returns once the start job is done, i.e. after READY=1
-        assert result.returncode == 0, result.stderr + self.journal(PM_UNIT)
-        self.connect(NODE_NAME)
-
-    def connect(self, node_name: str) -> None:
-        service = f"{node_name}/control"
-        if self.control is not None:
-            self.control.close()
-        self.control = Control(resolve(self.resolver.address, service), service)
-
-    def show(self, unit: str, *properties: str) -> dict[str, str]:
-        result = self.sandbox.exec(["systemctl", "show", unit, *(f"--property={p}" for p in properties)])
-        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-
-    def unit_of(self, pid: int) -> str:
-        return self.sandbox.exec(["ps", "-o", "unit=", "-p", str(pid)]).stdout.strip()
-
-    def journal(self, unit: str, *options: str) -> str:
-        return self.sandbox.exec(["journalctl", "--no-pager", "-o", "cat", "-u", unit, *options],
-                                 check=False).stdout
-
-    def alive(self, pid: int) -> bool:
-        return self.sandbox.exec(["test", "-d", f"/proc/{pid}"], check=False).returncode == 0
-
-    def close(self) -> None:
-        if self.control is not None:
-            self.control.close()
-        for argv in (["systemctl", "kill", "--signal=SIGKILL", PM_UNIT, PROGRAM_UNITS],
-                     ["systemctl", "stop", PM_UNIT, PROGRAM_UNITS],
-                     ["systemctl", "reset-failed", PM_UNIT, PROGRAM_UNITS]):
-            self.sandbox.exec(argv, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +34,10 @@ def resolver():
 
 @pytest.fixture(scope="module")
 def sandbox_pm(systemd_sandbox, resolver):
-    pm = SandboxPM(systemd_sandbox, resolver)
+    # a watchdog and a restart policy like b0-pm@.service
+    pm = SandboxPM(systemd_sandbox, resolver, host_id=HOST_ID, unit=PM_UNIT, workdir=WORKDIR,
+                   write_programs=write_test_programs, ladder_step_s=LADDER_STEP_S,
+                   properties=("WatchdogSec=3", "Restart=on-failure", "RestartSec=0.2"))
     try:
         pm.start_service()
         yield pm
@@ -287,7 +228,7 @@ def test_pm_on_debians_python_stack_under_systemd(sandbox_pm, resolver):
 def test_up_uses_the_system_manager_and_takes_its_units_down(systemd_sandbox):
     """`b0-pm up` inside the container picks the systemd system manager by itself."""
     port = free_port()
-    up = systemd_sandbox.popen([VENV_PYTHON, "-m", "b0_pm", "up", "--port", str(port), "--for", "30"],
+    up = systemd_sandbox.popen([SANDBOX_VENV_PYTHON, "-m", "b0_pm", "up", "--port", str(port), "--for", "30"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     control = None
     try:
