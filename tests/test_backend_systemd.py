@@ -2,6 +2,8 @@
 (tests/backend_driver.py), so pids in these tests are the container's."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.systemd
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 BOOKWORM_PYTHON = "/usr/bin/python3"   # Debian's python3-pystemd 0.11, what the .deb runs on
 DRIVER = str(REPO / "tests" / "backend_driver.py")
+USER_CODE_DIR = "/opt/b0pm-usermode"   # inside the container
 SHORT_LADDER = [[signal.SIGINT, 0.5], [signal.SIGTERM, 0.5], [signal.SIGKILL, 0.0]]
 
 
@@ -324,7 +327,18 @@ def test_select_backend_picks_the_system_manager_as_root(systemd_sandbox):
 
 @pytest.fixture(scope="module")
 def user_manager(systemd_sandbox):
-    """A lingering user with its own systemd --user manager in the sandbox: (uid, gid)."""
+    """A lingering user with its own systemd --user manager in the sandbox, and a copy of the
+    code that user can read (the checkout may sit in a directory only root may enter):
+    (uid, gid, code directory inside the container)."""
+    code = systemd_sandbox.root / USER_CODE_DIR.lstrip("/")
+    shutil.rmtree(code, ignore_errors=True)
+    shutil.copytree(REPO / "b0_pm", code / "b0_pm", ignore=shutil.ignore_patterns("__pycache__"))
+    (code / "tests").mkdir()
+    shutil.copy(DRIVER, code / "tests")
+    for directory, _, files in os.walk(code):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
     systemd_sandbox.exec(["sh", "-c", "id b0pmuser >/dev/null 2>&1 || useradd --create-home b0pmuser"])
     uid, gid = (int(systemd_sandbox.exec(["id", flag, "b0pmuser"]).stdout) for flag in ("-u", "-g"))
     systemd_sandbox.exec(["systemctl", "start", "systemd-logind.service"])
@@ -333,18 +347,18 @@ def user_manager(systemd_sandbox):
     while not systemd_sandbox.exec(["test", "-S", f"/run/user/{uid}/bus"], check=False).returncode == 0:
         assert time.monotonic() < deadline, "the user manager of b0pmuser did not start"
         time.sleep(0.1)
-    yield uid, gid
+    yield uid, gid, USER_CODE_DIR
     systemd_sandbox.exec(["loginctl", "disable-linger", "b0pmuser"], check=False)
     systemd_sandbox.exec(["systemctl", "stop", f"user@{uid}.service"], check=False)   # ends its units too
 
 
 def test_user_mode_runs_programs_in_the_user_manager(drivers, systemd_sandbox, user_manager):
-    uid, gid = user_manager
+    uid, gid, code = user_manager
     # Debian's python3 (pystemd 0.11): the venv's interpreter lives under /root, out of a user's reach
     config = {"kind": "systemd-user", "instance": "usermode", "stop_ladder": SHORT_LADDER}
     process = systemd_sandbox.popen(
         ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
-         BOOKWORM_PYTHON, DRIVER, json.dumps(config)],
+         BOOKWORM_PYTHON, f"{code}/tests/backend_driver.py", json.dumps(config)],
         env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     drivers.processes.append(process)
     backend = DriverClient(process)
@@ -359,7 +373,7 @@ def test_user_mode_runs_programs_in_the_user_manager(drivers, systemd_sandbox, u
 
 
 def test_select_backend_picks_the_user_manager_when_not_root(systemd_sandbox, user_manager):
-    uid, gid = user_manager
+    uid, gid, code = user_manager
     script = textwrap.dedent("""
         import logging, sys
         sys.path.insert(0, sys.argv[1])
@@ -370,7 +384,7 @@ def test_select_backend_picks_the_user_manager_when_not_root(systemd_sandbox, us
         backend.close(False)
     """)
     result = systemd_sandbox.exec(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
-                                   BOOKWORM_PYTHON, "-c", script, str(REPO)],
+                                   BOOKWORM_PYTHON, "-c", script, code],
                                   env={"XDG_RUNTIME_DIR": f"/run/user/{uid}"})
     assert result.stdout.split() == ["SystemdBackend", "True"]
     assert "process backend: the systemd user manager (skipped system: not running as root" in result.stderr
