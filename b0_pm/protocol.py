@@ -266,8 +266,9 @@ class RequestProcessor:
     policy:     b0_pm.policy.StartPolicy, asked before every start.
     node_name:  the PM's node name, quoted in the "not managed" error; the PM
                 updates the attribute if the resolver renames it.
-    read_log:   callable(record, lines) -> list[str] raising LogUnavailable,
-                e.g. JournalLogReader; None when the backend keeps no journal.
+    read_log:   callable(record, lines[, after]) -> list[str] raising LogUnavailable,
+                e.g. JournalLogReader (whose LogLines also carry the cursor for
+                get_log's "after"); None when the backend keeps no journal.
     """
 
     def __init__(self, backend, policy, node_name: str, *, read_log=None,
@@ -366,11 +367,16 @@ class RequestProcessor:
         if self.read_log is None or record.unit is None:
             return self._refuse("get_log", f"logs are not available on the local backend"
                                            f" (PID {pid} writes to the process manager's own output)")
+        count, after = body.get("lines", DEFAULT_LOG_LINES), body.get("after")
         try:
-            lines = self.read_log(record, body.get("lines", DEFAULT_LOG_LINES))
+            # the cursor goes only to readers asked to follow, so plain readers need not take it
+            lines = self.read_log(record, count, after) if after else self.read_log(record, count)
         except LogUnavailable as exc:
             return self._refuse("get_log", str(exc))
-        return Reply(encode({"get_log": {"success": True, "lines": lines}}))
+        reply = {"success": True, "lines": list(lines)}
+        if isinstance(lines, LogLines) and lines.cursor:
+            reply["cursor"] = lines.cursor
+        return Reply(encode({"get_log": reply}))
 
 
 def exit_fields(record: ProcessRecord) -> dict:
@@ -391,8 +397,28 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
+class LogLines(list):
+    """Lines read from the journal; cursor marks the last entry read (None: nothing read)."""
+
+    def __init__(self, lines=(), cursor: str | None = None):
+        super().__init__(lines)
+        self.cursor = cursor
+
+
+def _journal_message(entry: dict) -> str:
+    message = entry.get("MESSAGE")
+    if isinstance(message, list):  # journalctl's JSON gives messages that are not UTF-8 as byte arrays
+        return bytes(message).decode("utf-8", "replace")
+    return message if isinstance(message, str) else ""
+
+
 class JournalLogReader:
-    """The last lines a process wrote, from the journal of its systemd unit."""
+    """The last lines a process wrote, from the journal of its systemd unit.
+
+    JSON output, so each entry comes with its cursor: a follower passes the
+    last one back as `after` and gets exactly the entries written since,
+    however repetitive the output is.
+    """
 
     def __init__(self, *, user_manager: bool = False, timeout_s: float = 2.0,
                  max_reply_bytes: int = 512 * 1024):
@@ -400,9 +426,11 @@ class JournalLogReader:
         self.timeout_s = timeout_s
         self.max_reply_bytes = max_reply_bytes
 
-    def __call__(self, record: ProcessRecord, lines: int) -> list[str]:
+    def __call__(self, record: ProcessRecord, lines: int, after: str | None = None) -> LogLines:
         argv = ["journalctl", self.unit_option, record.unit, "--lines", str(lines),
-                "--output", "cat", "--quiet", "--no-pager"]
+                "--output", "json", "--output-fields", "MESSAGE", "--quiet", "--no-pager"]
+        if after:
+            argv += ["--after-cursor", after]
         try:
             done = subprocess.run(argv, capture_output=True, timeout=self.timeout_s,
                                   stdin=subprocess.DEVNULL, check=False)
@@ -413,7 +441,12 @@ class JournalLogReader:
         if done.returncode != 0:
             reason = done.stderr.decode("utf-8", "replace").strip() or f"exit status {done.returncode}"
             raise LogUnavailable(f"reading the journal failed: {reason}")
-        return self._fit(done.stdout.decode("utf-8", "replace").splitlines())
+        try:
+            entries = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise LogUnavailable(f"reading the journal failed: journalctl wrote something that is not JSON: {exc}") from exc
+        text = [line for entry in entries for line in _journal_message(entry).splitlines()]
+        return LogLines(self._fit(text), entries[-1].get("__CURSOR") if entries else after)
 
     def _fit(self, lines: list[str]) -> list[str]:
         # Keep the newest lines that fit, so a reply stays under the message size limit.
