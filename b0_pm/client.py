@@ -106,8 +106,12 @@ class PMClient:
     def list(self) -> Reply:
         return self.request("list_active_processes", {})
 
-    def get_log(self, pid: int, lines: int) -> Reply:
-        return self.request("get_log", {"pid": pid, "lines": lines})
+    def get_log(self, pid: int, lines: int, *, after: str | None = None) -> Reply:
+        """The last lines (extension get_log); with after, only those since that cursor."""
+        body = {"pid": pid, "lines": lines}
+        if after is not None:
+            body["after"] = after
+        return self.request("get_log", body)
 
     def hosts(self) -> Reply:
         """The hosts the HUB knows (extension list_hosts): all, or only this client's host."""

@@ -63,7 +63,10 @@ def test_logs_prints_the_last_lines(journal_pm, systemd_sandbox):
         assert (done.returncode, done.stdout.splitlines()) == (0, last_two)
         done = run(journal_pm, "logs", "-n", "1", "--json", str(pid))
         assert done.returncode == 0
-        assert json.loads(done.stdout) == {"get_log": {"success": True, "lines": last_two[-1:]}}
+        reply = json.loads(done.stdout)["get_log"]
+        assert list(reply) == ["success", "lines", "cursor"]
+        assert (reply["success"], reply["lines"]) == (True, last_two[-1:])
+        assert reply["cursor"]
     finally:
         run(journal_pm, "stop", str(pid))
 
@@ -111,6 +114,20 @@ def test_logs_follow_keeps_identical_lines(journal_pm):
     # A program that repeats itself must not look silent: every "tick" is a new line.
     pid = start_shell(journal_pm, "while :; do echo tick; sleep 0.1; done")
     try:
+        lines, status = follow(journal_pm, pid, 20)
+        assert status == 0
+        assert lines == ["tick"] * 20
+    finally:
+        run(journal_pm, "stop", str(pid))
+
+
+def test_logs_follow_keeps_up_with_a_long_repetitive_log(journal_pm):
+    # More identical lines than any window the client could compare: only a position in the journal tells new from old.
+    pid = start_shell(journal_pm, "i=0; while [ $i -lt 1500 ]; do echo tick; i=$((i+1)); done;"
+                                  " while :; do echo tick; sleep 0.1; done")
+    try:
+        wait_for(lambda: len(run(journal_pm, "logs", "-n", "1500", str(pid)).stdout.splitlines()) >= 1500,
+                 "the first 1500 lines did not reach the journal")
         lines, status = follow(journal_pm, pid, 20)
         assert status == 0
         assert lines == ["tick"] * 20

@@ -22,8 +22,8 @@ EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 # How often stop --wait and logs -f ask again: quick enough to feel live, light on the PM.
 POLL_INTERVAL_S = 0.2
 LOG_FOLLOW_INTERVAL_S = 0.5
-# The window logs -f asks for on each poll; lines beyond it between two polls are lost.
-LOG_FOLLOW_WINDOW = 1000
+# The most lines logs -f takes per poll (get_log's limit); more wait for the next poll.
+LOG_FOLLOW_BATCH = 10000
 
 EXIT_HELP = """
 exit status: 0 success, 1 refused or failed, 2 usage error,
@@ -360,16 +360,24 @@ def failed_hosts(reply) -> list[str]:
 
 
 def follow_log(pm, args):
-    """Print the last lines, then new ones as they come, until interrupted."""
-    # Same-sized windows each time, so consecutive ones line up (see new_lines).
-    previous = pm.get_log(args.pid, LOG_FOLLOW_WINDOW).result["lines"]
-    emit(args, previous[-args.lines:])
+    """Print the last lines, then new ones as they come, until interrupted.
+
+    Each reply carries the journal cursor of its last line; asking for the
+    lines after it gives exactly the new ones, however repetitive they are.
+    """
+    from b0_pm.client import Refused
+    result = pm.get_log(args.pid, args.lines).result
+    emit(args, result["lines"])
+    cursor = result.get("cursor")
+    if cursor is None and result["lines"]:
+        raise Refused("this process manager cannot follow a log (its get_log replies have no cursor)", {})
     try:
         while True:
             time.sleep(LOG_FOLLOW_INTERVAL_S)
-            window = pm.get_log(args.pid, LOG_FOLLOW_WINDOW).result["lines"]
-            emit(args, new_lines(previous, window))
-            previous = window
+            # Until the journal holds a line there is no cursor, and everything is new.
+            result = pm.get_log(args.pid, LOG_FOLLOW_BATCH, after=cursor).result
+            emit(args, result["lines"])
+            cursor = result.get("cursor", cursor)
     except KeyboardInterrupt:
         # Ctrl-C is how the user ends -f, not a failure.
         return None
@@ -378,16 +386,3 @@ def follow_log(pm, args):
 def emit(args, lines):
     for line in lines:
         print(json.dumps(line, ensure_ascii=False) if args.json else line, flush=True)
-
-
-def new_lines(previous: list, window: list) -> list:
-    """The lines of window that come after the ones already printed.
-
-    The longest tail of previous that window begins with is what was seen.
-    A program repeating the same line can make a longer overlap than the
-    real one, so some repeats may not be printed.
-    """
-    for overlap in range(min(len(previous), len(window)), 0, -1):
-        if previous[-overlap:] == window[:overlap]:
-            return window[overlap:]
-    return window
