@@ -203,6 +203,23 @@ def test_completion_offers_subcommands_and_options():
     assert "--json" not in complete(["b0-pm", "start", "/usr/bin/sleep", "--"])
 
 
+def test_completion_offers_every_option_of_every_command():
+    import argparse
+    from b0_pm.cli import build_parser
+    subparsers = next(action for action in build_parser()._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    for name, parser in subparsers.choices.items():
+        options = {option for action in parser._actions for option in action.option_strings
+                   if option.startswith("--")}
+        assert complete(["b0-pm", name, "--"]) == options, name
+
+
+def test_completion_skips_option_values_when_finding_starts_path():
+    # --user's value is not the program, so options are still b0-pm's own
+    assert "--json" in complete(["b0-pm", "start", "--env", "A=1", "--user", "robot", "--"])
+    assert "--json" not in complete(["b0-pm", "start", "--user", "robot", "/usr/bin/sleep", "--"])
+
+
 def test_sysusers_file_creates_the_program_account(tmp_path):
     require_tool("systemd-sysusers")
     (tmp_path / "etc").mkdir()
